@@ -1,0 +1,299 @@
+"""Thin typer commands: build a result, then render it (text or --json).
+
+Exit codes (pre-commit's error_handler): expected error 1, config error 2, Ctrl-C 130,
+anything else 3 with the traceback in <workspace>/logs/pod-agent-crash.log.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable, List, Optional
+
+import typer
+from typing_extensions import Annotated
+
+from agent.model import AgentError, ConfigError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Keep a ComfyUI pod installed, healthy and running.")
+
+WorkspaceOpt = Annotated[Optional[Path], typer.Option(
+    "--workspace", "-w", envvar="POD_AGENT_WORKSPACE", show_envvar=True,
+    help="The persistent volume [default: /workspace].")]
+ConfigOpt = Annotated[Optional[Path], typer.Option(
+    "--config", "-c", envvar="POD_AGENT_CONFIG", show_envvar=True,
+    help="A config file that replaces the built-in default.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object.")]
+
+
+def _out(text: str = "") -> None:
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
+
+
+def _err(text: str) -> None:
+    sys.stderr.write(text + "\n")
+    sys.stderr.flush()
+
+
+def _crash_log(exc: BaseException) -> str:
+    ws = os.environ.get("POD_AGENT_WORKSPACE") or "/workspace"
+    from agent.redact import redact
+
+    for folder in (Path(ws) / "logs", Path("/tmp")):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            path = folder / "pod-agent-crash.log"
+            with open(path, "a") as fh:
+                fh.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(sys.argv)}\n")
+                fh.write(redact("".join(traceback.format_exception(exc))))
+            return str(path)
+        except OSError:
+            continue
+    return "(no writable log folder)"
+
+
+def handled(fn: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from agent.redact import redact
+
+        try:
+            return fn(*args, **kwargs)
+        except typer.Exit:
+            raise
+        except ConfigError as exc:
+            _err(f"config error: {redact(str(exc))}")
+            raise typer.Exit(2)
+        except AgentError as exc:
+            _err(f"error: {redact(str(exc))}")
+            raise typer.Exit(1)
+        except KeyboardInterrupt:
+            _err("interrupted")
+            raise typer.Exit(130)
+        except Exception as exc:  # noqa: BLE001 - the last line of defence
+            where = _crash_log(exc)
+            _err(f"internal error: {type(exc).__name__}: {redact(str(exc))[:200]} "
+                 f"(traceback in {where})")
+            raise typer.Exit(3)
+
+    return wrapper
+
+
+def _load(config: Optional[Path], workspace: Optional[Path]):
+    from agent import config as cfg
+    from agent.log import quiet
+
+    quiet()
+    return cfg.load(config, workspace)
+
+
+# ----------------------------------------------------------------------------- install
+class _Printer:
+    """Progress: a live line with step and elapsed time on a TTY, plain lines otherwise."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.tty = enabled and sys.stdout.isatty()
+        self._status = None
+        self._started = 0.0
+        self._name = ""
+        self._thread = None
+
+    def begin(self, step) -> None:
+        if not self.enabled:
+            return
+        verb = "reinstalling" if step.action.value == "reinstall" else "installing"
+        why = f" ({step.reason})" if step.reason else ""
+        self._name = step.name
+        self._started = time.monotonic()
+        if self.tty:
+            from rich.console import Console
+
+            console = Console()
+            self._status = console.status(f"{step.name}: {verb}{why}")
+            self._status.start()
+            import threading
+
+            stop = threading.Event()
+            label = f"{step.name}: {verb}{why}"
+
+            def tick() -> None:
+                while not stop.wait(1.0):
+                    if self._status:
+                        self._status.update(f"{label} [{time.monotonic() - self._started:.0f}s]")
+
+            self._thread = (threading.Thread(target=tick, daemon=True), stop)
+            self._thread[0].start()
+        else:
+            _out(f"{step.name}: {verb}{why}")
+
+    def end(self, outcome) -> None:
+        if self._status is not None:
+            self._thread[1].set()
+            self._status.stop()
+            self._status = None
+        if not self.enabled:
+            return
+        _out(f"{outcome.name}: {outcome.message}" if outcome.status in ("already", "installed")
+             else f"{outcome.name}: {outcome.status}: {outcome.message}")
+        if outcome.status == "failed":
+            if outcome.log:
+                _out(f"  log: {outcome.log}")
+            for line in outcome.tail.splitlines():
+                _out(f"  | {line}")
+
+
+@app.command()
+@handled
+def install(
+    names: Annotated[Optional[List[str]], typer.Argument(
+        help="Components to converge (with what they depend on); all when omitted.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Reinstall the named (or all) "
+                                        "components even when installed.")] = False,
+    json_out: JsonOpt = False,
+    workspace: WorkspaceOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Converge the workspace: install what is missing, broken or out of date."""
+    from agent.execute import Executor
+
+    conf = _load(config, workspace)
+    printer = _Printer(enabled=not json_out)
+    report = Executor(conf, reporter=printer).run(names or None, force=force)
+    if json_out:
+        _out(json.dumps({"ok": report.ok, "changed": report.changed, "outcomes": [
+            {"name": o.name, "status": o.status, "message": o.message, "log": o.log or None,
+             "tail": o.tail or None, "duration": round(o.duration, 2)}
+            for o in report.outcomes]}, indent=2))
+    else:
+        if not report.changed and report.ok:
+            _out("Nothing to do: everything asked for is already installed.")
+        elif report.ok:
+            _out(f"Done: installed {', '.join(report.changed)}.")
+        else:
+            bad = [o.name for o in report.outcomes
+                   if o.status in ("failed", "blocked") and o.name in report.requested]
+            _out(f"Not installed: {', '.join(bad)}. See the logs above; rerun "
+                 f"`pod-agent install` after fixing the cause.")
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+# ----------------------------------------------------------------------------- status
+def _age(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    s = int(seconds)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{(s % 3600) // 60:02d}m"
+    return f"{s // 86400}d{(s % 86400) // 3600:02d}h"
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def render_status(data: dict[str, Any]) -> str:
+    rows = [("COMPONENT", "STATE", "SINCE", "VERSION", "REASON")]
+    for name, c in data["components"].items():
+        version = (c["version"] or "-")
+        if len(version) > 40:
+            version = version[:37] + "..."
+        rows.append((name, c["state"], c["timestamp"] or "-", version, c["reason"] or ""))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    lines = [f"workspace: {data['workspace']}   verdict: {data['verdict'].upper()}", ""]
+    for r in rows:
+        lines.append("  ".join(r[i].ljust(widths[i]) for i in range(4)) + "  " + r[4])
+    if data.get("processes"):
+        lines += ["", "PROCESSES"]
+        for p in data["processes"]:
+            extra = ""
+            if p["role"] == "comfyui" and p.get("state"):
+                extra = f" state={p['state']} restarts={p.get('restarts', 0)}"
+            if p["role"] == "installer":
+                extra = f" component={p['component']}"
+            if p["role"] == "agent" and p.get("last_reconcile"):
+                extra = f" last reconcile {p['last_reconcile']} ({p.get('last_result')})"
+            lines.append(f"  {p['role']:<9} pid {p['pid']}  up {_age(p.get('uptime'))}{extra}")
+    if data.get("logs"):
+        lines += ["", "LOGS"]
+        for log in data["logs"]:
+            lines.append(f"  {log['path']}  {_size(log['size'])}  {_age(log['age'])} ago  "
+                         f"| {log['last_line'][:100]}")
+    return "\n".join(lines)
+
+
+@app.command()
+@handled
+def status(json_out: JsonOpt = False, workspace: WorkspaceOpt = None,
+           config: ConfigOpt = None) -> None:
+    """What is installed, since when, at which version, what is broken and why, what runs."""
+    from agent.status import collect
+
+    conf = _load(config, workspace)
+    data = collect(conf)
+    _out(json.dumps(data, indent=2) if json_out else render_status(data))
+    if data["verdict"] != "healthy":
+        raise typer.Exit(1)
+
+
+# ----------------------------------------------------------------------------- reset
+@app.command()
+@handled
+def reset(
+    names: Annotated[Optional[List[str]], typer.Argument(help="Components to reset.")] = None,
+    all_: Annotated[bool, typer.Option("--all", help="Remove every marker.")] = False,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask (needed without a "
+                                      "terminal).")] = False,
+    workspace: WorkspaceOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Remove markers so the next install (or the running agent) reinstalls them."""
+    from agent import markers
+
+    conf = _load(config, workspace)
+    if bool(names) == all_:
+        raise AgentError("name the components to reset, or pass --all "
+                         f"(components: {', '.join(conf.components)})")
+    if all_:
+        targets = markers.present(conf.markers_dir)
+        if not targets:
+            _out(f"No markers in {conf.markers_dir}.")
+            return
+        if not yes:
+            if not sys.stdin.isatty():
+                raise AgentError("reset --all removes every marker; pass --yes to confirm "
+                                 "when not on a terminal")
+            if not typer.confirm(f"Remove {len(targets)} markers from {conf.markers_dir}?"):
+                raise typer.Exit(1)
+    else:
+        unknown = [n for n in names if n not in conf.components]
+        if unknown:
+            raise AgentError(f"unknown component '{unknown[0]}' (valid: "
+                             f"{', '.join(conf.components)})")
+        targets = list(dict.fromkeys(names))
+        targets += [n for n, c in conf.components.items() if c.kind == "overall"]
+    removed = [n for n in targets if markers.remove(conf.markers_dir, n)]
+    for name in removed:
+        _out(f"removed {markers.path_for(conf.markers_dir, name)}")
+    if not removed:
+        _out("No marker to remove.")
+
+
+def main() -> None:
+    app()

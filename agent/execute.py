@@ -1,0 +1,253 @@
+"""Execute a plan: per-component lock, check again inside it, install, probe, marker last."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Protocol
+
+from agent import markers, procs
+from agent.kinds import KINDS
+from agent.kinds.base import Ctx, InstallError
+from agent.locks import Lock
+from agent.markers import atomic_write
+from agent.model import Action, Config, Observed, Outcome, State, Step
+from agent.observe import (OK_STATES, failure_path, fingerprint, lock_path, observe,
+                           observe_one, observe_overall)
+from agent.plan import closure, make
+from agent.pyenv import PythonUnavailable
+from agent.redact import redact
+
+
+class Reporter(Protocol):
+    def begin(self, step: Step) -> None: ...
+    def end(self, outcome: Outcome) -> None: ...
+
+
+@dataclass
+class Report:
+    outcomes: list[Outcome] = field(default_factory=list)
+    requested: set[str] = field(default_factory=set)
+
+    @property
+    def ok(self) -> bool:
+        return all(o.status in ("installed", "already", "skipped", "disabled")
+                   for o in self.outcomes if o.name in self.requested)
+
+    @property
+    def changed(self) -> list[str]:
+        return [o.name for o in self.outcomes if o.status == "installed"]
+
+
+class Executor:
+    def __init__(self, config: Config, reporter: Reporter | None = None,
+                 stop: threading.Event | None = None, gpu: bool | None = None,
+                 lock_timeout: float | None = None, sleep: Callable[[float], None] = time.sleep):
+        self.config = config
+        self.ctx = Ctx(config, gpu=gpu)
+        self.reporter = reporter
+        self.stop = stop or threading.Event()
+        self.lock_timeout = lock_timeout
+        self._sleep = sleep
+
+    # ------------------------------------------------------------------ progress
+    def progress(self, text: str) -> None:
+        line = f"[{markers.now_stamp()}] {redact(text)}\n"
+        try:
+            self.config.progress_log.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.config.progress_log, "a", encoding="utf-8") as fh:
+                fh.write(line)
+        except OSError:
+            pass
+
+    # ------------------------------------------------------------------ main
+    def run(self, names: Iterable[str] | None = None, force: bool = False,
+            phase: str = "all") -> Report:
+        """Converge the named components (with their dependencies) or all of them.
+
+        phase: "all", "foreground" (skip background components) or "background"."""
+        comps = self.config.components
+        named = list(names) if names is not None else None
+        for n in named or []:
+            if n not in comps:
+                from agent.model import AgentError
+
+                raise AgentError(f"unknown component '{n}' (known: {', '.join(comps)})")
+        targets = closure(comps, named) if named is not None else None
+        try:
+            observed = observe(self.ctx)
+        except PythonUnavailable:
+            observed = {}
+        for name in self.config.order():
+            if name not in observed and comps[name].kind != "overall":
+                observed[name] = observe_one(comps[name], self.ctx)
+        steps = make(self.config.order(), comps, observed, targets, force,
+                     set(named) if named is not None else None)
+        report = Report(requested=set(targets) if targets is not None else set(comps))
+        status: dict[str, str] = {}
+        self.progress(f"install started: {len(steps)} components"
+                      + (f" ({', '.join(named)})" if named else ""))
+        for step in steps:
+            comp = comps[step.name]
+            if phase == "foreground" and comp.background or \
+                    phase == "background" and not comp.background:
+                status[step.name] = "installed" if observed[step.name].state in OK_STATES \
+                    else "pending"
+                continue
+            if self.stop.is_set():
+                break
+            outcome = self._step(step, observed[step.name], status)
+            status[step.name] = outcome.status
+            report.outcomes.append(outcome)
+        if not self.stop.is_set():
+            overall = self._overall(targets)
+            report.outcomes.extend(overall)
+        failed = [o.name for o in report.outcomes if o.status in ("failed", "blocked")]
+        self.progress("install finished: " + ("ok" if not failed else
+                                              "not installed: " + ", ".join(failed)))
+        return report
+
+    # ------------------------------------------------------------------ one step
+    def _blocked_by(self, step: Step, status: dict[str, str]) -> str | None:
+        for dep in step.needs:
+            st = status.get(dep)
+            if st in ("installed", "already"):
+                continue
+            if st is None:
+                obs = observe_one(self.config.components[dep], self.ctx)
+                if obs.state == State.INSTALLED:
+                    continue
+            return dep
+        return None
+
+    def _step(self, step: Step, obs: Observed, status: dict[str, str]) -> Outcome:
+        comp = self.config.components[step.name]
+        if step.action == Action.DISABLED:
+            return Outcome(step.name, "disabled", "disabled in config")
+        if step.action == Action.SKIP_NO_GPU:
+            return Outcome(step.name, "skipped", step.reason)
+        blocker = self._blocked_by(step, status)
+        if blocker is not None:
+            outcome = Outcome(step.name, "blocked", f"blocked by {blocker}")
+            self._report(step, outcome, announce=False)
+            return outcome
+        if step.action == Action.SKIP:
+            return self._report(step, self._already(step.name, obs), announce=False)
+        if self.reporter:
+            self.reporter.begin(step)
+        lock = Lock(lock_path(self.config, step.name))
+        timeout = self.lock_timeout if self.lock_timeout is not None else comp.timeout + 60
+        waited = []
+        if not lock.acquire(timeout, on_wait=lambda h: waited.append(h)):
+            return self._report(step, Outcome(step.name, "failed",
+                                              f"another installer held the lock for {timeout:g}s"))
+        with lock:
+            # Check again inside the lock: another process may have finished the work.
+            self.ctx.invalidate()
+            now = observe_one(comp, self.ctx)
+            forced = step.reason == "forced"
+            if now.state == State.INSTALLED and now.legacy and not forced:
+                return self._report(step, self._upgrade(step.name, now))
+            if now.state == State.INSTALLED and (waited or not forced):
+                return self._report(step, self._already(step.name, now, by_other=bool(waited)))
+            return self._report(step, self._install(step, now))
+
+    def _report(self, step: Step, outcome: Outcome, announce: bool = True) -> Outcome:
+        if self.reporter:
+            self.reporter.end(outcome)
+        if announce or outcome.status in ("blocked", "failed"):
+            self.progress(f"{outcome.name}: {outcome.status}: {outcome.message}")
+        return outcome
+
+    def _already(self, name: str, obs: Observed, by_other: bool = False) -> Outcome:
+        m = obs.marker
+        version = m.meta.get("version", "-") if m else "-"
+        who = " by another process" if by_other else ""
+        return Outcome(name, "already",
+                       f"already installed{who} ({m.timestamp if m else '?'}, {version})")
+
+    def _write_marker(self, name: str, meta: dict[str, str], duration: float) -> None:
+        comp = self.config.components[name]
+        fp, parts = fingerprint(comp, self.ctx)
+        full = {"version": meta.pop("version", "-"), "fingerprint": fp, "inputs": parts,
+                "python": str(self.config.comfyui.python), "duration": f"{duration:.1f}s",
+                "kind": comp.kind}
+        full.update(meta)
+        markers.write(self.config.markers_dir, name, full)
+
+    def _upgrade(self, name: str, obs: Observed) -> Outcome:
+        comp = self.config.components[name]
+        meta = KINDS[comp.kind].current_meta(comp, self.ctx)
+        self._write_marker(name, meta, 0.0)
+        return Outcome(name, "already", f"already installed ({obs.marker.timestamp if obs.marker
+                                                              else '?'}, legacy marker upgraded)")
+
+    def _install(self, step: Step, obs: Observed) -> Outcome:
+        comp = self.config.components[step.name]
+        kind = KINDS[comp.kind]
+        verb = "reinstalling" if step.action == Action.REINSTALL else "installing"
+        self.progress(f"{comp.name}: {verb}" + (f" ({step.reason})" if step.reason else ""))
+        if obs.state != State.INSTALLED:
+            # A stale or broken marker must not survive a failed attempt: scripts that only
+            # look at marker files (the old check_install_status.sh) would believe it.
+            markers.remove(self.config.markers_dir, comp.name)
+        start = time.monotonic()
+        error = ""
+        for attempt in range(comp.retries + 1):
+            if self.stop.is_set():
+                error = "stopped"
+                break
+            try:
+                meta = kind.install(comp, self.ctx, obs.marker)
+                self.ctx.invalidate()
+                problem = kind.probe(comp, self.ctx, None)
+                if problem is not None:
+                    raise InstallError(f"installer finished but the probe fails: {problem.reason}")
+            except InstallError as exc:
+                error = str(exc)
+                if attempt < comp.retries and not self.stop.is_set():
+                    delay = comp.retry_backoff * (2 ** attempt)
+                    self.progress(f"{comp.name}: attempt {attempt + 1} failed ({error}); "
+                                  f"retrying in {delay:g}s")
+                    self.stop.wait(delay) if delay else None
+                continue
+            duration = time.monotonic() - start
+            self._write_marker(comp.name, dict(meta), duration)
+            failure_path(self.config, comp.name).unlink(missing_ok=True)
+            version = meta.get("version", "-")
+            return Outcome(comp.name, "installed", f"installed in {duration:.1f}s ({version})",
+                           log=str(comp.log), duration=duration)
+        duration = time.monotonic() - start
+        tail = procs.tail(comp.log, 15)
+        record = {"time": markers.now_stamp(), "reason": redact(error), "log": str(comp.log)}
+        atomic_write(failure_path(self.config, comp.name), json.dumps(record))
+        return Outcome(comp.name, "failed", redact(error), log=str(comp.log), tail=tail,
+                       duration=duration)
+
+    # ------------------------------------------------------------------ derived
+    def _overall(self, targets: set[str] | None) -> list[Outcome]:
+        out = []
+        for name, comp in self.config.components.items():
+            if comp.kind != "overall" or not comp.enabled:
+                continue
+            others = {n: observe_one(c, self.ctx) for n, c in self.config.components.items()
+                      if c.kind != "overall"}
+            obs = observe_overall(comp, self.ctx, others)
+            all_ok = all(o.state in OK_STATES for o in others.values())
+            if all_ok and obs.state != State.INSTALLED:
+                self._write_marker(name, KINDS["overall"].current_meta(comp, self.ctx), 0.0)
+                out.append(Outcome(name, "installed", "every component is installed"))
+                self.progress(f"{name}: written (every component is installed)")
+            elif all_ok:
+                if obs.legacy:
+                    self._write_marker(name, KINDS["overall"].current_meta(comp, self.ctx), 0.0)
+                out.append(self._already(name, obs))
+            else:
+                if markers.remove(self.config.markers_dir, name):
+                    self.progress(f"{name}: marker removed ({obs.reason})")
+                if targets is None:
+                    out.append(Outcome(name, "blocked", obs.reason.replace(
+                        "marker present but ", "")))
+        return out

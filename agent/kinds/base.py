@@ -1,0 +1,137 @@
+"""Shared context for kinds: the target interpreter, the installer, git, the GPU answer."""
+
+from __future__ import annotations
+
+import configparser
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from agent import procs
+from agent.model import Component, Config, State
+from agent.pyenv import PyEnv, PythonUnavailable, inspect
+
+
+class InstallError(Exception):
+    """An installer step failed; the message says which and why."""
+
+
+@dataclass(frozen=True)
+class Problem:
+    state: State  # BROKEN or STALE
+    reason: str
+
+
+class Ctx:
+    """Per-run context handed to kinds. Caches the interpreter listing until invalidated."""
+
+    def __init__(self, config: Config, gpu: bool | None = None):
+        self.config = config
+        self._pyenv: PyEnv | None = None
+        self._gpu = gpu
+
+    # -------------------------------------------------------------- interpreter
+    @property
+    def python(self) -> Path:
+        return self.config.comfyui.python
+
+    def pyenv(self) -> PyEnv:
+        if self._pyenv is None:
+            self._pyenv = inspect(self.python)
+        return self._pyenv
+
+    def invalidate(self) -> None:
+        self._pyenv = None
+
+    @property
+    def gpu(self) -> bool:
+        if self._gpu is None:
+            from agent.gpu import has_gpu
+
+            self._gpu = has_gpu()
+        return self._gpu
+
+    def ensure_python(self, comp: Component) -> None:
+        """Create the volume's virtualenv on demand (with the image's packages visible)."""
+        cui = self.config.comfyui
+        if self.python.exists():
+            return
+        if cui.venv is None or not str(self.python).startswith(str(cui.venv)):
+            raise InstallError(f"interpreter {self.python} does not exist (comfyui.python)")
+        base = cui.base_python if "/" in cui.base_python else (shutil.which(cui.base_python)
+                                                                or sys.executable)
+        result = procs.run([base, "-m", "venv", "--system-site-packages", str(cui.venv)],
+                           log=comp.log, timeout=600, title="create virtualenv")
+        if not result.ok or not self.python.exists():
+            raise InstallError(f"could not create the virtualenv {cui.venv} with {base}")
+        self.invalidate()
+
+    # -------------------------------------------------------------- installer
+    def _inherits_system_site(self) -> bool:
+        cfg = self.python.parent.parent / "pyvenv.cfg"
+        try:
+            text = "[v]\n" + cfg.read_text()
+        except OSError:
+            return False
+        parser = configparser.ConfigParser()
+        try:
+            parser.read_string(text)
+        except configparser.Error:
+            return False
+        return parser.get("v", "include-system-site-packages", fallback="false").lower() == "true"
+
+    def uv(self) -> str | None:
+        found = shutil.which("uv")
+        if found:
+            return found
+        sibling = Path(sys.executable).parent / "uv"
+        return str(sibling) if sibling.exists() else None
+
+    def installer(self) -> list[str]:
+        """The install command prefix. uv ignores packages inherited through
+        --system-site-packages (astral-sh/uv#4466, #7358) and would reinstall the image's CUDA
+        torch into the venv, so `auto` uses uv only for interpreters that inherit nothing."""
+        choice = self.config.installer
+        uv = self.uv() if choice in ("auto", "uv") else None
+        if choice == "uv" and not uv:
+            raise InstallError("installer: uv was asked for but no uv binary is on PATH")
+        if uv and (choice == "uv" or not self._inherits_system_site()):
+            return [uv, "pip", "install", "--python", str(self.python)]
+        return [str(self.python), "-m", "pip", "install"]
+
+    def pip_install(self, comp: Component, args: Sequence[str], title: str) -> None:
+        self.ensure_python(comp)
+        cmd = self.installer() + list(args)
+        result = procs.run(cmd, log=comp.log, timeout=comp.timeout, title=title,
+                           env=self.config.installer_env)
+        self.invalidate()
+        if not result.ok:
+            why = "timed out" if result.timed_out else f"exit {result.returncode}"
+            raise InstallError(f"{title} failed ({why})")
+
+    # -------------------------------------------------------------- git
+    def git(self, comp: Component, args: Sequence[str], title: str, cwd: Path | None = None,
+            timeout: float | None = None) -> None:
+        result = procs.run(["git", *args], log=comp.log, timeout=timeout or comp.timeout,
+                           cwd=cwd, title=title)
+        if not result.ok:
+            why = "timed out" if result.timed_out else f"exit {result.returncode}"
+            text = procs.tail(comp.log, 5)
+            if "dubious ownership" in text:
+                where = cwd or (args[-1] if args else "")
+                raise InstallError(f"git refuses {where} (dubious ownership): run "
+                                   f"`git config --global --add safe.directory '*'` or fix the "
+                                   f"folder's owner")
+            raise InstallError(f"{title} failed ({why})")
+
+
+def requirement_problems(ctx: Ctx, reqs) -> list[str]:
+    from agent.reqs import unmet
+
+    try:
+        env = ctx.pyenv()
+    except PythonUnavailable as exc:
+        return [str(exc)]
+    return unmet(reqs, env)

@@ -1,0 +1,160 @@
+"""Git checkouts shared by the `git` and `nodes` kinds.
+
+Reading repo state uses GitPython without spawning git (HEAD is dereferenced from files); every
+network operation runs the git binary through procs (own session, timeout, no prompts).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+
+from agent import procs
+from agent.kinds.base import Ctx, InstallError, requirement_problems
+from agent.model import Component, State
+
+SHA_RE = re.compile(r"^[0-9a-f]{7,40}$")
+
+
+def head(dest: Path) -> str | None:
+    """The commit HEAD points to, or None when dest is not a readable git checkout."""
+    if not (dest / ".git").exists():
+        return None
+    from git import Repo
+    from git.exc import GitError
+    from git.refs.symbolic import SymbolicReference
+
+    try:
+        with Repo(dest) as repo:
+            return SymbolicReference.dereference_recursive(repo, "HEAD")
+    except (GitError, ValueError, OSError):
+        return None
+
+
+def repo_name(url: str) -> str:
+    tail = url.rstrip("/").rsplit("/", 1)[-1]
+    return tail[:-4] if tail.endswith(".git") else tail
+
+
+def checkout_problem(dest: Path, recorded: str | None, ref: str | None) -> tuple[State, str] | None:
+    commit = head(dest)
+    if commit is None:
+        if dest.exists():
+            return State.BROKEN, f"{dest} is not a git checkout"
+        return State.BROKEN, f"{dest} is missing"
+    if ref and SHA_RE.match(ref) and not commit.startswith(ref):
+        return State.STALE, f"HEAD is {commit[:12]}, ref {ref} wanted"
+    if recorded and commit != recorded:
+        return State.STALE, f"HEAD moved from {recorded[:12]} to {commit[:12]}"
+    return None
+
+
+def requirements_file(dest: Path) -> Path:
+    return dest / "requirements.txt"
+
+
+def deps_digest(dest: Path) -> str:
+    from agent.reqs import files_digest
+
+    files = [p for p in (requirements_file(dest), dest / "install.py") if p.is_file()]
+    return files_digest(files) if files else "-"
+
+
+def deps_problem(ctx: Ctx, dest: Path, recorded_digest: str | None) -> tuple[State, str] | None:
+    from agent.reqs import read_file
+
+    if recorded_digest and recorded_digest != deps_digest(dest):
+        return State.STALE, f"{dest.name}: requirements.txt or install.py changed"
+    req = requirements_file(dest)
+    if req.is_file():
+        reqs, _ = read_file(req)
+        problems = requirement_problems(ctx, reqs)
+        if problems:
+            more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
+            return State.BROKEN, problems[0] + more
+    return None
+
+
+def _move_aside(path: Path) -> Path:
+    aside = path.with_name(f"{path.name}.broken-{time.strftime('%Y%m%d-%H%M%S')}")
+    path.rename(aside)
+    return aside
+
+
+def ensure_checkout(comp: Component, ctx: Ctx, repo: str, dest: Path, ref: str | None,
+                    depth: int | None, update: bool, label: str) -> str:
+    """Clone (into a temporary sibling, then rename) or update dest; return HEAD."""
+    current = head(dest)
+    if current is None:
+        if dest.exists():
+            if dest.is_dir() and not any(dest.iterdir()):
+                dest.rmdir()
+            else:
+                aside = _move_aside(dest)
+                with open(comp.log, "a") as fh:
+                    fh.write(f"=== {dest} was not a git checkout; moved aside to {aside}\n")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(f".{dest.name}.partial-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            args = ["clone", "--no-progress"]
+            is_sha = bool(ref and SHA_RE.match(ref))
+            if depth and not is_sha:
+                args += ["--depth", str(depth)]
+            if ref and not is_sha:
+                args += ["--branch", ref]
+            ctx.git(comp, args + ["--", repo, str(tmp)], f"{label}: git clone")
+            if is_sha:
+                ctx.git(comp, ["checkout", "--detach", "--quiet", ref], f"{label}: checkout {ref}",
+                        cwd=tmp)
+            os.replace(tmp, dest)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    elif ref and (update or not _at_ref(dest, current, ref)):
+        if not (SHA_RE.match(ref) and _has_commit(comp, ctx, dest, ref)):
+            fetch = ["fetch", "--no-progress", "origin", ref]
+            if depth:
+                fetch[1:1] = ["--depth", str(depth)]
+            ctx.git(comp, fetch, f"{label}: git fetch {ref}", cwd=dest)
+            ref_to = "FETCH_HEAD"
+        else:
+            ref_to = ref
+        ctx.git(comp, ["checkout", "--detach", "--quiet", ref_to], f"{label}: checkout {ref}",
+                cwd=dest)
+    elif update and not ref:
+        ctx.git(comp, ["pull", "--ff-only", "--no-progress"], f"{label}: git pull", cwd=dest)
+    commit = head(dest)
+    if commit is None:
+        raise InstallError(f"{label}: {dest} has no readable HEAD after checkout")
+    return commit
+
+
+def _at_ref(dest: Path, current: str, ref: str) -> bool:
+    if SHA_RE.match(ref):
+        return current.startswith(ref)
+    return True  # a branch or tag: keep the checkout unless an update was asked for
+
+
+def _has_commit(comp: Component, ctx: Ctx, dest: Path, ref: str) -> bool:
+    code, _ = procs.quick(["git", "-C", str(dest), "cat-file", "-e", f"{ref}^{{commit}}"], 30)
+    return code == 0
+
+
+def install_deps(comp: Component, ctx: Ctx, dest: Path, label: str) -> None:
+    """What ComfyUI-Manager does for a node: requirements.txt, then install.py."""
+    req = requirements_file(dest)
+    if req.is_file():
+        ctx.pip_install(comp, ["-r", str(req)], f"{label}: requirements")
+    script = dest / "install.py"
+    if script.is_file():
+        ctx.ensure_python(comp)
+        result = procs.run([str(ctx.python), "install.py"], log=comp.log, timeout=comp.timeout,
+                           cwd=dest, title=f"{label}: install.py",
+                           env={"COMFYUI_PATH": str(ctx.config.comfyui.dir)})
+        ctx.invalidate()
+        if not result.ok:
+            why = "timed out" if result.timed_out else f"exit {result.returncode}"
+            raise InstallError(f"{label}: install.py failed ({why})")

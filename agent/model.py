@@ -1,0 +1,133 @@
+"""Plain data shared by every layer. No I/O here."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+
+class AgentError(Exception):
+    """An expected failure: the CLI prints it as one line and exits 1."""
+
+
+class ConfigError(AgentError):
+    """Invalid configuration: one line naming file, component and problem; exit 2."""
+
+
+@dataclass(frozen=True)
+class Component:
+    name: str
+    kind: str
+    depends_on: tuple[str, ...] = ()
+    enabled: bool = True
+    background: bool = False
+    required: bool = False
+    requires_gpu: bool = False
+    timeout: float = 3600.0
+    retries: int = 1
+    retry_backoff: float = 5.0
+    log: Path = Path("install.log")
+    spec: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ComfyUISettings:
+    dir: Path
+    python: Path
+    venv: Path | None
+    base_python: str
+    args: tuple[str, ...]
+    port: int
+    host: str
+    env: Mapping[str, str]
+    log: Path
+    sage_attention: str  # auto | on | off
+
+
+@dataclass(frozen=True)
+class Config:
+    workspace: Path
+    markers_dir: Path
+    state_dir: Path
+    progress_log: Path
+    installer: str  # auto | uv | pip
+    installer_env: Mapping[str, str]
+    comfyui: ComfyUISettings
+    components: Mapping[str, Component]
+    agent: Mapping[str, Any]
+    sources: tuple[str, ...]
+
+    def order(self) -> list[str]:
+        """Component names in dependency order (stable: config order breaks ties)."""
+        done: list[str] = []
+        seen: set[str] = set()
+
+        def visit(name: str) -> None:
+            if name in seen:
+                return
+            seen.add(name)
+            for dep in self.components[name].depends_on:
+                visit(dep)
+            done.append(name)
+
+        for name in self.components:
+            visit(name)
+        return done
+
+
+@dataclass(frozen=True)
+class Marker:
+    timestamp: str
+    meta: Mapping[str, str]
+
+    @property
+    def legacy(self) -> bool:
+        return "fingerprint" not in self.meta
+
+
+class State(str, enum.Enum):
+    INSTALLED = "installed"
+    MISSING = "missing"
+    BROKEN = "broken"
+    STALE = "stale"
+    FAILED = "failed"
+    SKIPPED = "skipped"
+    DISABLED = "disabled"
+    INSTALLING = "installing"
+
+
+@dataclass(frozen=True)
+class Observed:
+    state: State
+    reason: str = ""
+    marker: Marker | None = None
+    legacy: bool = False  # installed per probe, but the marker is a legacy one-liner
+
+
+class Action(str, enum.Enum):
+    SKIP = "skip"
+    INSTALL = "install"
+    REINSTALL = "reinstall"
+    UPGRADE_MARKER = "upgrade-marker"
+    SKIP_NO_GPU = "skip-no-gpu"
+    DISABLED = "disabled"
+
+
+@dataclass(frozen=True)
+class Step:
+    name: str
+    action: Action
+    reason: str = ""
+    needs: tuple[str, ...] = ()  # dependencies that must be installed first
+
+
+@dataclass(frozen=True)
+class Outcome:
+    name: str
+    status: str  # installed | already | failed | blocked | skipped | disabled
+    message: str
+    log: str = ""
+    tail: str = ""
+    duration: float = 0.0

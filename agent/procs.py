@@ -1,0 +1,181 @@
+"""Run installer commands in their own session, with a timeout that kills the whole group.
+
+Output is streamed through secret redaction into the component's log file. A pipe is read by a
+thread so a grandchild that keeps the pipe open cannot hang us after the group was killed
+(CPython bpo-37424).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping, Sequence
+
+from agent.redact import redact
+
+KILL_GRACE = 5.0
+
+_active: set[subprocess.Popen] = set()
+_active_lock = threading.Lock()
+
+
+@dataclass(frozen=True)
+class Result:
+    returncode: int
+    timed_out: bool
+    duration: float
+
+    @property
+    def ok(self) -> bool:
+        return self.returncode == 0 and not self.timed_out
+
+
+def base_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        GIT_TERMINAL_PROMPT="0",
+        GIT_ASKPASS="true",
+        SSH_ASKPASS="true",
+        GIT_SSH_COMMAND=env.get("GIT_SSH_COMMAND", "ssh -oBatchMode=yes"),
+        PIP_DISABLE_PIP_VERSION_CHECK="1",
+        PYTHONUNBUFFERED="1",
+    )
+    env.pop("PYTHONHOME", None)
+    if extra:
+        env.update(extra)
+    return env
+
+
+def kill_group(proc: subprocess.Popen, grace: float = KILL_GRACE) -> None:
+    """SIGTERM the process group, SIGKILL it after `grace` seconds."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except (ProcessLookupError, PermissionError):
+        return
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:  # pragma: no cover - unkillable (D state)
+        pass
+
+
+def terminate_all() -> None:
+    """Stop every installer still running (agent shutdown)."""
+    with _active_lock:
+        procs = list(_active)
+    for proc in procs:
+        kill_group(proc)
+
+
+def run(
+    cmd: Sequence[str] | str,
+    *,
+    log: Path,
+    timeout: float,
+    cwd: Path | None = None,
+    env: Mapping[str, str] | None = None,
+    title: str | None = None,
+) -> Result:
+    """Run cmd (a list, or a shell string run by bash) and append its output to log."""
+    shell = isinstance(cmd, str)
+    argv = ["bash", "-c", cmd] if shell else list(cmd)
+    shown = cmd if shell else " ".join(cmd)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    start = time.monotonic()
+    with open(log, "a", encoding="utf-8", errors="replace") as out:
+        out.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {title or ''} $ {redact(shown)}\n")
+        out.flush()
+        proc = subprocess.Popen(
+            argv,
+            cwd=str(cwd) if cwd else None,
+            env=base_env(env),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        with _active_lock:
+            _active.add(proc)
+
+        def pump() -> None:
+            assert proc.stdout is not None
+            for raw in iter(proc.stdout.readline, b""):
+                out.write(redact(raw.decode("utf-8", "replace")))
+                out.flush()
+
+        reader = threading.Thread(target=pump, name=f"pump-{proc.pid}", daemon=True)
+        reader.start()
+        timed_out = False
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            kill_group(proc)
+        except BaseException:
+            kill_group(proc)
+            raise
+        finally:
+            with _active_lock:
+                _active.discard(proc)
+            # Whatever outlived the leader in its group goes with it.
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+            reader.join(2.0)
+            if proc.stdout:
+                proc.stdout.close()
+        duration = time.monotonic() - start
+        if timed_out:
+            out.write(f"=== timed out after {timeout:g}s; process group killed\n")
+        else:
+            out.write(f"=== exit {proc.returncode} after {duration:.1f}s\n")
+    return Result(proc.returncode if not timed_out else -9, timed_out, duration)
+
+
+def quick(cmd: Sequence[str] | str, timeout: float = 30.0, cwd: Path | None = None,
+          env: Mapping[str, str] | None = None) -> tuple[int, str]:
+    """Run a short probe command in its own session; return (exit status, redacted output)."""
+    argv = ["bash", "-c", cmd] if isinstance(cmd, str) else list(cmd)
+    try:
+        proc = subprocess.Popen(
+            argv, cwd=str(cwd) if cwd else None, env=base_env(env), stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    except OSError as exc:
+        return 127, str(exc)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_group(proc, grace=1.0)
+        return -9, f"timed out after {timeout:g}s"
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+    return proc.returncode, redact(out.decode("utf-8", "replace"))
+
+
+def tail(path: Path, lines: int = 15) -> str:
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            size = fh.tell()
+            fh.seek(max(0, size - 16384))
+            data = fh.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+    return "\n".join(data.splitlines()[-lines:])

@@ -1,0 +1,123 @@
+"""`pod-agent status`: the truth about components, processes, logs, and an overall verdict.
+
+Returns plain data (the `--json` contract); rendering lives in the CLI.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from agent import procs
+from agent.kinds.base import Ctx
+from agent.locks import held_by_other
+from agent.model import Config, State
+from agent.observe import lock_path, observe
+from agent.redact import redact
+
+VERDICTS = ("healthy", "installing", "degraded", "broken")
+
+
+def _process(pid: int | None, create_time: float | None = None) -> dict[str, Any] | None:
+    if not pid:
+        return None
+    import psutil
+
+    try:
+        proc = psutil.Process(int(pid))
+        if create_time and abs(proc.create_time() - float(create_time)) > 1.0:
+            return None
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return None
+        return {"pid": proc.pid, "uptime": round(time.time() - proc.create_time(), 1),
+                "cmdline": redact(" ".join(proc.cmdline()))[:300]}
+    except (psutil.Error, ValueError):
+        return None
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text())
+        return data if isinstance(data, dict) else None
+    except (OSError, ValueError):
+        return None
+
+
+def processes(config: Config) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    agent = read_json(config.state_dir / "agent.json")
+    if agent:
+        info = _process(agent.get("pid"), agent.get("create_time"))
+        if info:
+            out.append({"role": "agent", **info,
+                        **{k: agent.get(k) for k in ("last_reconcile", "last_result")}})
+    comfy = read_json(config.state_dir / "comfyui.json")
+    if comfy:
+        info = _process(comfy.get("pid"), comfy.get("create_time"))
+        if info:
+            svc = read_json(config.state_dir / "service.json") or {}
+            out.append({"role": "comfyui", **info, **{k: v for k, v in svc.items()
+                                                      if k not in ("pid", "uptime")}})
+    for name in config.components:
+        holder = held_by_other(lock_path(config, name))
+        if holder:
+            info = _process(holder.get("pid")) or {"pid": holder.get("pid"), "uptime": None}
+            out.append({"role": "installer", "component": name, **info,
+                        "host": holder.get("host")})
+    return out
+
+
+def logs(config: Config) -> list[dict[str, Any]]:
+    paths = [config.progress_log, config.comfyui.log]
+    paths += [c.log for c in config.components.values() if c.kind != "overall"]
+    out = []
+    now = time.time()
+    for path in dict.fromkeys(paths):
+        try:
+            st = path.stat()
+        except OSError:
+            continue
+        last = procs.tail(path, 1).strip()
+        out.append({"path": str(path), "size": st.st_size, "age": round(now - st.st_mtime, 1),
+                    "last_line": redact(last)[:200]})
+    return out
+
+
+def verdict(config: Config, comps: dict[str, dict[str, Any]]) -> str:
+    real = {n: c for n, c in comps.items() if config.components[n].kind != "overall"}
+    if any(c["state"] == State.INSTALLING.value for c in real.values()):
+        return "installing"
+    bad = {n for n, c in real.items()
+           if c["state"] not in (State.INSTALLED.value, State.SKIPPED.value,
+                                 State.DISABLED.value)}
+    if any(config.components[n].required for n in bad):
+        return "broken"
+    return "degraded" if bad else "healthy"
+
+
+def collect(config: Config, gpu: bool | None = None) -> dict[str, Any]:
+    ctx = Ctx(config, gpu=gpu)
+    observed = observe(ctx, check_locks=True)
+    comps: dict[str, dict[str, Any]] = {}
+    for name in config.order():
+        obs = observed[name]
+        comp = config.components[name]
+        comps[name] = {
+            "state": obs.state.value,
+            "timestamp": obs.marker.timestamp if obs.marker else None,
+            "version": obs.marker.meta.get("version") if obs.marker else None,
+            "reason": redact(obs.reason),
+            "log": str(comp.log) if comp.kind != "overall" else None,
+            "required": comp.required,
+            "background": comp.background,
+            "legacy_marker": obs.legacy,
+        }
+    return {
+        "workspace": str(config.workspace),
+        "components": comps,
+        "processes": processes(config),
+        "logs": logs(config),
+        "verdict": verdict(config, comps),
+    }
