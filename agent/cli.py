@@ -42,11 +42,14 @@ def _err(text: str) -> None:
     sys.stderr.flush()
 
 
+_workspace_hint: list[Path] = []
+
+
 def _crash_log(exc: BaseException) -> str:
-    ws = os.environ.get("POD_AGENT_WORKSPACE") or "/workspace"
     from agent.redact import redact
 
-    for folder in (Path(ws) / "logs", Path("/tmp")):
+    folders = [w / "logs" for w in _workspace_hint[-1:]] + [Path("/tmp")]
+    for folder in folders:
         try:
             folder.mkdir(parents=True, exist_ok=True)
             path = folder / "pod-agent-crash.log"
@@ -91,7 +94,9 @@ def _load(config: Optional[Path], workspace: Optional[Path]):
     from agent.log import quiet
 
     quiet()
-    return cfg.load(config, workspace)
+    conf = cfg.load(config, workspace)
+    _workspace_hint.append(conf.workspace)
+    return conf
 
 
 # ----------------------------------------------------------------------------- install

@@ -181,8 +181,8 @@ class Executor:
         comp = self.config.components[name]
         meta = KINDS[comp.kind].current_meta(comp, self.ctx)
         self._write_marker(name, meta, 0.0)
-        return Outcome(name, "already", f"already installed ({obs.marker.timestamp if obs.marker
-                                                              else '?'}, legacy marker upgraded)")
+        stamp = obs.marker.timestamp if obs.marker else "?"
+        return Outcome(name, "already", f"already installed ({stamp}, legacy marker upgraded)")
 
     def _install(self, step: Step, obs: Observed) -> Outcome:
         comp = self.config.components[step.name]

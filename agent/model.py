@@ -54,6 +54,7 @@ class Config:
     progress_log: Path
     installer: str  # auto | uv | pip
     installer_env: Mapping[str, str]
+    installer_args: tuple[str, ...]
     comfyui: ComfyUISettings
     components: Mapping[str, Component]
     agent: Mapping[str, Any]

@@ -103,7 +103,7 @@ class Ctx:
 
     def pip_install(self, comp: Component, args: Sequence[str], title: str) -> None:
         self.ensure_python(comp)
-        cmd = self.installer() + list(args)
+        cmd = self.installer() + list(args) + list(self.config.installer_args)
         result = procs.run(cmd, log=comp.log, timeout=comp.timeout, title=title,
                            env=self.config.installer_env)
         self.invalidate()
