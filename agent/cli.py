@@ -224,6 +224,26 @@ def render_status(data: dict[str, Any]) -> str:
     lines = [f"workspace: {data['workspace']}   verdict: {data['verdict'].upper()}", ""]
     for r in rows:
         lines.append("  ".join(r[i].ljust(widths[i]) for i in range(4)) + "  " + r[4])
+    agent, cui = data.get("agent"), data.get("comfyui")
+    if agent:
+        lines += ["", f"AGENT     pid {agent['pid']}  up {_age(agent.get('uptime'))}  last "
+                      f"reconcile {agent.get('last_reconcile') or '-'} "
+                      f"({agent.get('last_result') or '-'})"]
+        if cui:
+            last = cui.get("last_exit") or {}
+            text = (f"COMFYUI   {cui.get('state', '?').upper()}  pid {cui.get('pid') or '-'}  "
+                    f"up {_age(cui.get('uptime'))}  restarts {cui.get('restarts', 0)}")
+            if last:
+                text += f"  last exit {last.get('code', last.get('signal', '?'))}"
+            lines.append(text)
+            if cui.get("pending_restart"):
+                pr = cui["pending_restart"]
+                lines.append(f"          restart pending ({pr.get('reason')}), waiting for "
+                             f"{pr.get('waiting_for')}")
+            if cui.get("degraded_reason"):
+                lines.append(f"          degraded: {cui['degraded_reason']}")
+    elif cui is None and data.get("agent") is None:
+        lines += ["", "AGENT     not running (start it with `pod-agent run`)"]
     if data.get("processes"):
         lines += ["", "PROCESSES"]
         for p in data["processes"]:
@@ -298,6 +318,26 @@ def reset(
         _out(f"removed {markers.path_for(conf.markers_dir, name)}")
     if not removed:
         _out("No marker to remove.")
+
+
+@app.command()
+@handled
+def run(
+    poll: Annotated[Optional[float], typer.Option(
+        "--poll", help="Poll the watched folders every SECONDS instead of inotify "
+        "(network volumes).")] = None,
+    no_comfyui: Annotated[bool, typer.Option("--no-comfyui", help="Keep the workspace "
+                                             "installed but do not start ComfyUI.")] = False,
+    workspace: WorkspaceOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """The resident agent: watch, reconcile, supervise ComfyUI (used by entrypoint.sh)."""
+    from agent.daemon import Daemon
+
+    _load(config, workspace)  # validate first: a config error is one line and exit 2
+    code = Daemon(config, workspace, poll=poll,
+                  start_comfyui=False if no_comfyui else None).run()
+    raise typer.Exit(code)
 
 
 def main() -> None:

@@ -258,6 +258,7 @@ COMMON_FIELDS = {
     "retry_backoff": ("float", None),
     "log": ("opt_path", None),
     "description": ("opt_str", None),
+    "restart_comfyui": ("bool", True),
 }
 
 DEFAULTS_FIELDS = {
@@ -379,6 +380,7 @@ def _components(data: _Map, ctx: _Ctx, ws: Path, defaults: Mapping[str, Any]) ->
             retry_backoff=values["retry_backoff"] if values["retry_backoff"] is not None
             else defaults["retry_backoff"],
             log=Path(log).absolute(), spec=spec,
+            restart_comfyui=values["restart_comfyui"] and kind != "overall",
         )
     for name, comp in out.items():
         body = raw[name]

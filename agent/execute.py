@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+from pathlib import Path
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Protocol
@@ -101,8 +102,10 @@ class Executor:
             outcome = self._step(step, observed[step.name], status)
             status[step.name] = outcome.status
             report.outcomes.append(outcome)
+        if not self.stop.is_set() and phase != "background" and named is None:
+            report.outcomes.extend(self._user_nodes())
         if not self.stop.is_set():
-            overall = self._overall(targets)
+            overall = self._overall(targets, quiet=phase == "foreground")
             report.outcomes.extend(overall)
         failed = [o.name for o in report.outcomes if o.status in ("failed", "blocked")]
         self.progress("install finished: " + ("ok" if not failed else
@@ -135,8 +138,8 @@ class Executor:
             return outcome
         if step.action == Action.SKIP:
             return self._report(step, self._already(step.name, obs), announce=False)
-        if self.reporter:
-            self.reporter.begin(step)
+        if self.reporter and step.action != Action.UPGRADE_MARKER:
+            self.reporter.begin(step)  # a legacy marker upgrade installs nothing: no "installing"
         lock = Lock(lock_path(self.config, step.name))
         timeout = self.lock_timeout if self.lock_timeout is not None else comp.timeout + 60
         waited = []
@@ -168,19 +171,21 @@ class Executor:
         return Outcome(name, "already",
                        f"already installed{who} ({m.timestamp if m else '?'}, {version})")
 
-    def _write_marker(self, name: str, meta: dict[str, str], duration: float) -> None:
+    def _write_marker(self, name: str, meta: dict[str, str], duration: float,
+                      stamp: str | None = None) -> None:
         comp = self.config.components[name]
         fp, parts = fingerprint(comp, self.ctx)
         full = {"version": meta.pop("version", "-"), "fingerprint": fp, "inputs": parts,
                 "python": str(self.config.comfyui.python), "duration": f"{duration:.1f}s",
                 "kind": comp.kind}
         full.update(meta)
-        markers.write(self.config.markers_dir, name, full)
+        markers.write(self.config.markers_dir, name, full, stamp=stamp)
 
     def _upgrade(self, name: str, obs: Observed) -> Outcome:
         comp = self.config.components[name]
         meta = KINDS[comp.kind].current_meta(comp, self.ctx)
-        self._write_marker(name, meta, 0.0)
+        # Keep the recorded install time: upgrading the format installs nothing.
+        self._write_marker(name, meta, 0.0, stamp=obs.marker.timestamp if obs.marker else None)
         stamp = obs.marker.timestamp if obs.marker else "?"
         return Outcome(name, "already", f"already installed ({stamp}, legacy marker upgraded)")
 
@@ -226,8 +231,22 @@ class Executor:
         return Outcome(comp.name, "failed", redact(error), log=str(comp.log), tail=tail,
                        duration=duration)
 
+    def _user_nodes(self) -> list[Outcome]:
+        """Nodes cloned by hand or by ComfyUI-Manager: requirements and install.py."""
+        from agent import usernodes
+
+        changed, failures = usernodes.converge(self.ctx)
+        log = str(usernodes.pseudo_component(self.config).log)
+        out = [Outcome(f"custom_nodes/{n}", "installed", "requirements installed", log=log)
+               for n in changed]
+        out += [Outcome("user_nodes", "failed", f, log=log, tail=procs.tail(Path(log), 15))
+                for f in failures]
+        for o in out:
+            self.progress(f"{o.name}: {o.status}: {o.message}")
+        return out
+
     # ------------------------------------------------------------------ derived
-    def _overall(self, targets: set[str] | None) -> list[Outcome]:
+    def _overall(self, targets: set[str] | None, quiet: bool = False) -> list[Outcome]:
         out = []
         for name, comp in self.config.components.items():
             if comp.kind != "overall" or not comp.enabled:
@@ -242,12 +261,13 @@ class Executor:
                 self.progress(f"{name}: written (every component is installed)")
             elif all_ok:
                 if obs.legacy:
-                    self._write_marker(name, KINDS["overall"].current_meta(comp, self.ctx), 0.0)
+                    self._write_marker(name, KINDS["overall"].current_meta(comp, self.ctx), 0.0,
+                                       stamp=obs.marker.timestamp if obs.marker else None)
                 out.append(self._already(name, obs))
             else:
                 if markers.remove(self.config.markers_dir, name):
                     self.progress(f"{name}: marker removed ({obs.reason})")
-                if targets is None:
+                if targets is None and not quiet:
                     out.append(Outcome(name, "blocked", obs.reason.replace(
                         "marker present but ", "")))
         return out

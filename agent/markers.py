@@ -17,6 +17,24 @@ from agent.model import Marker
 
 SUFFIX = ".done"
 
+# What this process itself wrote or removed, so a watcher can ignore its own events:
+# path -> (mtime_ns, size) after a write, or None after a removal.
+_own: dict[str, object] = {}
+
+
+def is_own_event(path: Path) -> bool:
+    """True when the marker at path is exactly as this process left it."""
+    key = str(path)
+    if key not in _own:
+        return False
+    if _own[key] == "writing":
+        return True
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return _own[key] is None
+    return _own[key] == (st.st_mtime_ns, st.st_size)
+
 
 def now_stamp() -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S")
@@ -81,13 +99,19 @@ def atomic_write(path: Path, text: str) -> None:
 
 def write(markers_dir: Path, name: str, meta: Mapping[str, str], stamp: str | None = None) -> Marker:
     marker = Marker(timestamp=stamp or now_stamp(), meta=dict(meta))
-    atomic_write(path_for(markers_dir, name), render(marker))
+    path = path_for(markers_dir, name)
+    _own[str(path)] = "writing"
+    atomic_write(path, render(marker))
+    st = path.stat()
+    _own[str(path)] = (st.st_mtime_ns, st.st_size)
     return marker
 
 
 def remove(markers_dir: Path, name: str) -> bool:
+    path = path_for(markers_dir, name)
     try:
-        path_for(markers_dir, name).unlink()
+        path.unlink()
+        _own[str(path)] = None
         return True
     except FileNotFoundError:
         return False

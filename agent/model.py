@@ -29,6 +29,7 @@ class Component:
     retries: int = 1
     retry_backoff: float = 5.0
     log: Path = Path("install.log")
+    restart_comfyui: bool = True  # ComfyUI loads it: restart ComfyUI after it changed
     spec: Mapping[str, Any] = field(default_factory=dict)
 
 
@@ -59,6 +60,13 @@ class Config:
     components: Mapping[str, Component]
     agent: Mapping[str, Any]
     sources: tuple[str, ...]
+
+    @property
+    def runtime_dir(self) -> Path:
+        """Per-host files (agent pid, ComfyUI pid): a volume may be shared by several pods."""
+        import socket
+
+        return self.state_dir / "run" / socket.gethostname()
 
     def order(self) -> list[str]:
         """Component names in dependency order (stable: config order breaks ties)."""

@@ -156,17 +156,27 @@ def quick(cmd: Sequence[str] | str, timeout: float = 30.0, cwd: Path | None = No
         )
     except OSError as exc:
         return 127, str(exc)
+    with _active_lock:
+        _active.add(proc)
     try:
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         kill_group(proc, grace=1.0)
         return -9, f"timed out after {timeout:g}s"
     finally:
+        with _active_lock:
+            _active.discard(proc)
         try:
             os.killpg(proc.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
     return proc.returncode, redact(out.decode("utf-8", "replace"))
+
+
+def known_pids() -> set[int]:
+    """Children started through this module (their exit codes belong to their Popen)."""
+    with _active_lock:
+        return {p.pid for p in _active}
 
 
 def tail(path: Path, lines: int = 15) -> str:

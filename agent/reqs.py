@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +30,10 @@ def parse_spec(spec: str) -> Requirement:
     try:
         return Requirement(spec)
     except InvalidRequirement as exc:
-        raise ValueError(f"invalid package spec {spec!r}: {exc}") from None
+        # packaging appends the spec and a caret diagram on further lines; a config error is
+        # one line, so keep the first.
+        why = (str(exc).splitlines() or ["not a PEP 508 requirement"])[0]
+        raise ValueError(f"invalid package spec {spec!r}: {why}") from None
 
 
 def _logical_lines(text: str) -> Iterable[tuple[int, str]]:
@@ -50,7 +54,9 @@ def _logical_lines(text: str) -> Iterable[tuple[int, str]]:
 def read_file(path: Path, _seen: set[Path] | None = None) -> tuple[list[Req], list[Path]]:
     """Requirements in a file (following -r includes) and the list of files read."""
     seen = _seen if _seen is not None else set()
-    path = path.absolute()
+    # normpath: `-r ../requirements.txt` from an included file must be recognised as seen,
+    # or two files including each other recurse until the path is too long.
+    path = Path(os.path.normpath(path.absolute()))
     if path in seen:
         return [], []
     seen.add(path)
@@ -82,8 +88,10 @@ def read_file(path: Path, _seen: set[Path] | None = None) -> tuple[list[Req], li
             continue
         if line.startswith("-"):
             continue  # installer options (--index-url, -f, --pre, ...) are passed on as they are
-        if line.startswith((".", "/")) or line.endswith((".whl", ".tar.gz", ".zip")):
+        if " @ " not in line and (line.startswith((".", "/")) or
+                                  line.endswith((".whl", ".tar.gz", ".zip"))):
             continue  # local paths and archives: cannot be checked by name
+        # (`name @ https://.../name-1.0-py3-none-any.whl` names its package: checked below)
         line = line.split(" --")[0].strip()  # per-requirement options such as --hash
         try:
             req = Requirement(line)

@@ -47,17 +47,17 @@ def read_json(path: Path) -> dict[str, Any] | None:
 
 def processes(config: Config) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
-    agent = read_json(config.state_dir / "agent.json")
+    agent = read_json(config.runtime_dir / "agent.json")
     if agent:
         info = _process(agent.get("pid"), agent.get("create_time"))
         if info:
             out.append({"role": "agent", **info,
                         **{k: agent.get(k) for k in ("last_reconcile", "last_result")}})
-    comfy = read_json(config.state_dir / "comfyui.json")
+    comfy = read_json(config.runtime_dir / "comfyui.json")
     if comfy:
         info = _process(comfy.get("pid"), comfy.get("create_time"))
         if info:
-            svc = read_json(config.state_dir / "service.json") or {}
+            svc = read_json(config.runtime_dir / "service.json") or {}
             out.append({"role": "comfyui", **info, **{k: v for k, v in svc.items()
                                                       if k not in ("pid", "uptime")}})
     for name in config.components:
@@ -85,7 +85,23 @@ def logs(config: Config) -> list[dict[str, Any]]:
     return out
 
 
-def verdict(config: Config, comps: dict[str, dict[str, Any]]) -> str:
+def service(config: Config, procs_: list[dict[str, Any]]) -> tuple[dict | None, dict | None]:
+    """(agent, comfyui) as the running agent last wrote them; (None, None) without an agent."""
+    agent = next((p for p in procs_ if p["role"] == "agent"), None)
+    if agent is None:
+        return None, None
+    data = read_json(config.runtime_dir / "agent.json") or {}
+    svc = read_json(config.runtime_dir / "service.json") or {}
+    agent_info = {"pid": agent["pid"], "uptime": agent["uptime"],
+                  "last_reconcile": data.get("last_reconcile"),
+                  "last_result": data.get("last_result"), "watch": data.get("watch")}
+    keys = ("state", "pid", "uptime", "restarts", "failures", "last_exit", "pending_restart",
+            "next_start_in", "degraded_reason", "last_failure", "adopted")
+    return agent_info, {k: svc.get(k) for k in keys}
+
+
+def verdict(config: Config, comps: dict[str, dict[str, Any]],
+            comfyui: dict | None = None) -> str:
     real = {n: c for n, c in comps.items() if config.components[n].kind != "overall"}
     if any(c["state"] == State.INSTALLING.value for c in real.values()):
         return "installing"
@@ -94,6 +110,8 @@ def verdict(config: Config, comps: dict[str, dict[str, Any]]) -> str:
                                  State.DISABLED.value)}
     if any(config.components[n].required for n in bad):
         return "broken"
+    if comfyui and comfyui.get("state") in ("degraded", "backoff"):
+        return "degraded"
     return "degraded" if bad else "healthy"
 
 
@@ -114,10 +132,14 @@ def collect(config: Config, gpu: bool | None = None) -> dict[str, Any]:
             "background": comp.background,
             "legacy_marker": obs.legacy,
         }
+    procs_ = processes(config)
+    agent, comfyui = service(config, procs_)
     return {
         "workspace": str(config.workspace),
         "components": comps,
-        "processes": processes(config),
+        "processes": procs_,
         "logs": logs(config),
-        "verdict": verdict(config, comps),
+        "agent": agent,
+        "comfyui": comfyui,
+        "verdict": verdict(config, comps, comfyui),
     }

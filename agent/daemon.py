@@ -1,0 +1,380 @@
+"""`pod-agent run`: wiring, signals, shutdown.
+
+Threads: the main thread (housekeeping every 0.1 s: debounced node changes, watch refresh,
+SIGHUP reload, orphan reaping as PID 1, state files), the supervisor's tick thread, two reconcile
+workers (foreground components, then background ones), the watchdog observer and APScheduler's
+timer thread. Everything that wants work done calls `request`; nothing else installs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+from loguru import logger
+
+from agent import log as agent_log
+from agent import procs
+from agent.config import load
+from agent.execute import Report
+from agent.kinds.base import Ctx
+from agent.markers import atomic_write
+from agent.locks import Lock, read_holder
+from agent.model import AgentError, Config, ConfigError, State
+from agent.observe import OK_STATES, observe_one
+from agent.reconcile import Batch, Reconciler
+from agent.supervisor import Supervisor
+from agent.watch import Events, Watcher, node_signature
+
+SAGE_FLAG = "--use-sage-attention"
+SAGE_COMPONENT = "sageattention"
+
+
+class Daemon:
+    def __init__(self, config_path: Path | None, workspace: Path | None,
+                 poll: float | None = None, start_comfyui: bool | None = None):
+        self.config_path = config_path
+        self.workspace = workspace
+        self.config: Config = load(config_path, workspace)
+        self.poll = poll if poll is not None else self.config.agent["poll"]
+        self.start_comfyui = self.config.agent["start_comfyui"] if start_comfyui is None \
+            else start_comfyui
+        self.stop_event = threading.Event()
+        self._hup = threading.Event()
+        self._refresh = threading.Event()
+        self._node_events: dict[str, tuple[float, str]] = {}
+        self._node_lock = threading.Lock()
+        self._node_sigs: dict[str, tuple | None] = {}
+        self._comfy_started = False
+        self._started = time.time()
+        self.job_events: dict[str, int] = {"error": 0, "missed": 0, "max_instances": 0}
+        self._last_state_write = 0.0
+        self._last_service: dict | None = None
+
+    # ------------------------------------------------------------------ wiring
+    def _build(self) -> None:
+        cfg = self.config
+        agent = cfg.agent
+        self.supervisor = Supervisor(cfg.comfyui, agent, cfg.runtime_dir,
+                                     extra_args=self.extra_args)
+        self.fg = Reconciler("foreground", "foreground", lambda: self.config, self._after_fg,
+                             quiet=min(0.25, agent["marker_debounce"]),
+                             max_delay=agent["marker_debounce"])
+        self.bg = Reconciler("background", "background", lambda: self.config, self._after_bg,
+                             quiet=min(0.25, agent["marker_debounce"]),
+                             max_delay=agent["marker_debounce"])
+        self.watcher = Watcher(cfg, Events(marker=self.on_marker, node=self.on_node,
+                                           restart=self.on_restart_event,
+                                           refresh=self._refresh.set), poll=self.poll)
+        from apscheduler.events import (EVENT_JOB_ERROR, EVENT_JOB_MAX_INSTANCES,
+                                        EVENT_JOB_MISSED)
+        from apscheduler.schedulers.background import BackgroundScheduler
+
+        self.scheduler = BackgroundScheduler(job_defaults={
+            "coalesce": True, "max_instances": 1, "misfire_grace_time": 60})
+        self.scheduler.add_job(self.periodic_reconcile, "interval", id="reconcile",
+                               seconds=agent["reconcile_interval"])
+        self.scheduler.add_job(self.check_watcher, "interval", id="watcher", seconds=5)
+        self.scheduler.add_listener(self._job_event, EVENT_JOB_ERROR | EVENT_JOB_MISSED
+                                    | EVENT_JOB_MAX_INSTANCES)
+
+    def _job_event(self, event) -> None:
+        from apscheduler.events import EVENT_JOB_ERROR, EVENT_JOB_MISSED
+
+        kind = "error" if event.code == EVENT_JOB_ERROR else \
+            "missed" if event.code == EVENT_JOB_MISSED else "max_instances"
+        self.job_events[kind] += 1
+        logger.warning(f"scheduler: job {event.job_id} {kind}"
+                       + (f": {event.exception}" if getattr(event, "exception", None) else ""))
+
+    # ------------------------------------------------------------------ events (never block)
+    def on_marker(self, name: str, kind: str, path: str) -> None:
+        if kind in ("deleted", "moved"):
+            reason = f"marker {name} {kind}"
+            self.fg.request(reason)
+            self.bg.request(reason)
+            return
+        comp = self.config.components.get(name)
+        if comp is not None and comp.kind != "overall":
+            # written by another process (e.g. `pod-agent install`): verify, then restart
+            self.fg.request(f"marker {name} {kind} by another process",
+                            restart=comp.restart_comfyui)
+
+    def on_node(self, name: str, why: str) -> None:
+        with self._node_lock:
+            self._node_events[name] = (time.monotonic(), f"{name}: {why}")
+
+    def on_restart_event(self, why: str) -> None:
+        self.on_node("(comfyui)", why)
+
+    # ------------------------------------------------------------------ reconcile results
+    def _required_ok(self) -> bool:
+        ctx = Ctx(self.config)
+        return all(observe_one(c, ctx).state in OK_STATES
+                   for c in self.config.components.values() if c.required and c.enabled)
+
+    def _restart_worthy(self, report: Report) -> list[str]:
+        comps = self.config.components
+        return [n for n in report.changed
+                if n.startswith("custom_nodes/") or (n in comps and comps[n].restart_comfyui)]
+
+    def _after_fg(self, rec: Reconciler, report: Report, batch: Batch) -> None:
+        self._write_agent_state()
+        if not self._comfy_started:
+            if self._required_ok():
+                self._start_comfyui("required components installed")
+                self.bg.request("ComfyUI started")
+            else:
+                logger.warning("ComfyUI not started: required components are not installed "
+                               "(see `pod-agent status`)")
+            return
+        changed = self._restart_worthy(report)
+        if changed:
+            self._snapshot_nodes()
+        if changed or batch.restart:
+            why = ("installed " + ", ".join(changed)) if changed else "; ".join(
+                dict.fromkeys(batch.reasons))
+            self.supervisor.request_restart(why, urgent=False)
+
+    def _after_bg(self, rec: Reconciler, report: Report, batch: Batch) -> None:
+        self._write_agent_state()
+        changed = self._restart_worthy(report)
+        if changed:
+            self._snapshot_nodes()
+        if changed and self._comfy_started:
+            self.supervisor.request_restart("installed " + ", ".join(changed), urgent=False)
+
+    def _start_comfyui(self, why: str) -> None:
+        if not self.start_comfyui or self._comfy_started:
+            return
+        logger.info(f"starting ComfyUI ({why})")
+        self._snapshot_nodes()
+        self._comfy_started = True
+        self.supervisor.start()
+
+    def extra_args(self) -> list[str]:
+        cui = self.config.comfyui
+        if SAGE_FLAG in cui.args or cui.sage_attention == "off":
+            return []
+        if cui.sage_attention == "on":
+            return [SAGE_FLAG]
+        comp = self.config.components.get(SAGE_COMPONENT)
+        if comp is None or not comp.enabled:
+            return []
+        try:
+            ok = observe_one(comp, Ctx(self.config)).state == State.INSTALLED
+        except Exception as exc:  # noqa: BLE001 - a failing probe means "not in use"
+            logger.warning(f"sageattention probe failed: {exc}")
+            ok = False
+        return [SAGE_FLAG] if ok else []
+
+    # ------------------------------------------------------------------ timers
+    def periodic_reconcile(self) -> None:
+        self.fg.request("periodic full reconcile")
+        self.bg.request("periodic full reconcile")
+
+    def check_watcher(self) -> None:
+        if not self.watcher.alive():
+            self.watcher.restart()
+        self._refresh.set()
+
+    # ------------------------------------------------------------------ housekeeping
+    def _housekeeping(self) -> None:
+        now = time.monotonic()
+        quiet = self.config.agent["restart_quiet_period"]
+        # While the foreground worker runs, node events are mostly its own clones and pulls;
+        # judge them once it is done and has recorded what it changed.
+        with self._node_lock:
+            due = [] if self.fg.busy else \
+                [k for k, (t, _) in self._node_events.items() if now - t >= quiet]
+            reasons = [self._node_events.pop(k)[1] for k in due]
+        changed = [r for k, r in zip(due, reasons) if k == "(comfyui)" or self._node_moved(k)]
+        if changed:
+            # before ComfyUI first starts, only the requirements matter: the start loads them
+            self.fg.request("custom nodes changed: " + "; ".join(changed),
+                            restart=self._comfy_started)
+        if self._refresh.is_set():
+            self._refresh.clear()
+            try:
+                self.watcher.refresh()
+            except OSError as exc:
+                logger.warning(f"watch: refresh failed: {exc}")
+        if self._hup.is_set():
+            self._hup.clear()
+            self.reload()
+        if os.getpid() == 1:
+            self._reap_orphans()
+        snap = self.supervisor.snapshot()
+        comparable = {k: v for k, v in snap.items() if k not in ("uptime", "next_start_in")}
+        if comparable != self._last_service or time.monotonic() - self._last_state_write > 10:
+            self._last_service = comparable
+            self._write_agent_state(snap)
+
+    def _node_moved(self, name: str) -> bool:
+        """Did the node change since ComfyUI last (re)started or the agent itself changed it?
+        Events caused by the agent's own installs compare equal and are dropped."""
+        sig = node_signature(self.watcher.custom_nodes / name)
+        if self._node_sigs.get(name) == sig:
+            return False
+        self._node_sigs[name] = sig
+        return True
+
+    def _snapshot_nodes(self) -> None:
+        root = self.watcher.custom_nodes
+        try:
+            names = [p.name for p in root.iterdir() if p.is_dir()]
+        except OSError:
+            names = []
+        self._node_sigs = {n: node_signature(root / n) for n in names}
+
+    def _reap_orphans(self) -> None:
+        """As PID 1: reap re-parented orphans, never a child whose Popen wants its status."""
+        sup = self.supervisor
+        known = procs.known_pids() | ({sup._proc.pid} if getattr(sup, "_proc", None) else set())
+        for _ in range(64):
+            try:
+                info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+            except ChildProcessError:
+                return
+            if info is None or info.si_pid in known:
+                return
+            try:
+                os.waitpid(info.si_pid, os.WNOHANG)
+            except ChildProcessError:
+                return
+
+    def reload(self) -> None:
+        try:
+            new = load(self.config_path, self.workspace)
+        except ConfigError as exc:
+            logger.error(f"SIGHUP: the new config is invalid, keeping the old one: {exc}")
+            return
+        old = self.config
+        self.config = new
+        self.watcher.config = new
+        self._refresh.set()
+        self.supervisor.settings = new.comfyui
+        self.supervisor.agent = dict(new.agent)
+        logger.info("SIGHUP: config reloaded")
+        if new.comfyui != old.comfyui and self._comfy_started:
+            self.supervisor.request_restart("ComfyUI settings changed", urgent=False)
+        self.fg.request("config reloaded")
+        self.bg.request("config reloaded")
+
+    def _write_agent_state(self, snap: dict | None = None) -> None:
+        import psutil
+
+        self._last_state_write = time.monotonic()
+        last = [r.last for r in (self.fg, self.bg) if r.last]
+        latest = max(last, key=lambda r: r["time"]) if last else None
+        data = {
+            "pid": os.getpid(), "create_time": psutil.Process().create_time(),
+            "started": self._started,
+            "last_reconcile": latest["time"] if latest else None,
+            "last_result": latest["result"] if latest else None,
+            "reconciles": {"foreground": self.fg.last, "background": self.bg.last,
+                           "runs": self.fg.runs + self.bg.runs},
+            "watch": {"mode": self.watcher.mode, "watches": self.watcher.watch_count(),
+                      "observer_restarts": self.watcher.restarts},
+            "scheduler_events": dict(self.job_events),
+        }
+        sd = self.config.runtime_dir
+        try:
+            atomic_write(sd / "agent.json", json.dumps(data, indent=1))
+            atomic_write(sd / "service.json",
+                         json.dumps(snap or self.supervisor.snapshot(), indent=1))
+        except OSError as exc:
+            logger.warning(f"cannot write agent state: {exc}")
+
+    # ------------------------------------------------------------------ run
+    def _signals(self) -> None:
+        def stop(signum, frame):  # noqa: ARG001
+            logger.info(f"received {signal.Signals(signum).name}: shutting down")
+            self.stop_event.set()
+
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
+        signal.signal(signal.SIGHUP, lambda s, f: self._hup.set())
+
+    def run(self) -> int:
+        cfg = self.config
+        agent_log.configure(level="INFO", file=cfg.workspace / "logs" / "agent.log")
+        for folder in (cfg.markers_dir, cfg.runtime_dir, cfg.workspace / "logs"):
+            folder.mkdir(parents=True, exist_ok=True)
+        self._single = Lock(cfg.runtime_dir / "agent.lock")
+        if not self._single.acquire(0):
+            holder = read_holder(cfg.runtime_dir / "agent.lock") or {}
+            raise AgentError(f"another pod-agent (pid {holder.get('pid', '?')}) already runs "
+                             f"for {cfg.workspace} on this host; stop it first")
+        self._signals()
+        self._build()
+        logger.info(f"pod-agent {__import__('agent').__version__} starting: workspace "
+                    f"{cfg.workspace}, pid {os.getpid()}")
+        sup_thread = threading.Thread(target=self.supervisor.run_forever,
+                                      args=(self.stop_event, 0.2), name="supervisor",
+                                      daemon=True)
+        try:
+            self.watcher.start()
+            self.fg.start()
+            self.bg.start()
+            self.scheduler.start()
+            sup_thread.start()
+            self.boot()
+            self._write_agent_state()
+            while not self.stop_event.wait(0.1):
+                try:
+                    self._housekeeping()
+                except Exception as exc:  # noqa: BLE001 - keep the agent alive
+                    logger.exception(f"housekeeping failed: {exc}")
+        finally:
+            self.shutdown(sup_thread)
+        return 0
+
+    def boot(self) -> None:
+        if not self.start_comfyui:
+            self.fg.request("agent started")
+            return
+        if self._required_ok():
+            self._start_comfyui("resume: required components verified")
+            self.fg.request("agent started (resume)")
+            self.bg.request("agent started (resume)")
+        else:
+            logger.info("required components missing: installing them before ComfyUI starts")
+            self.fg.request("agent started: installing required components")
+
+    def shutdown(self, sup_thread: threading.Thread) -> None:
+        self.stop_event.set()
+        try:
+            self.scheduler.shutdown(wait=False)
+        except Exception:  # noqa: BLE001 - not started
+            pass
+        self.watcher.stop()
+        killer = threading.Thread(target=procs.terminate_all, name="stop-installers")
+        killer.start()
+        for rec in (self.fg, self.bg):
+            rec.stop(timeout=0.1)
+        if sup_thread.is_alive():
+            sup_thread.join(5)
+        self.supervisor.shutdown()
+        killer.join(10)
+        for rec in (self.fg, self.bg):
+            rec.stop(timeout=10)
+        for name in ("agent.json",):
+            try:
+                (self.config.runtime_dir / name).unlink()
+            except FileNotFoundError:
+                pass
+        self._write_service_stopped()
+        self._single.release()
+        logger.info("pod-agent stopped")
+
+    def _write_service_stopped(self) -> None:
+        try:
+            atomic_write(self.config.runtime_dir / "service.json",
+                         json.dumps(self.supervisor.snapshot(), indent=1))
+        except OSError:
+            pass

@@ -1,0 +1,115 @@
+"""The single worker that performs observe -> plan -> execute.
+
+Watchdog events, timers, the CLI and signals only call `request(reason)`. Requests arriving while
+the worker waits or works coalesce: a burst (`rm *.done`) is one reconcile in dependency order.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from loguru import logger
+
+from agent.execute import Executor, Report
+from agent.model import Config
+
+
+@dataclass
+class Batch:
+    reasons: list[str] = field(default_factory=list)
+    restart: bool = False
+    first: float = 0.0
+    last: float = 0.0
+
+
+class Reconciler:
+    """One worker thread for one phase ("foreground" or "background")."""
+
+    def __init__(self, name: str, phase: str, config: Callable[[], Config],
+                 on_done: Callable[["Reconciler", Report, Batch], None],
+                 quiet: float = 0.25, max_delay: float = 1.0):
+        self.name = name
+        self.phase = phase
+        self._config = config
+        self._on_done = on_done
+        self.quiet = quiet
+        self.max_delay = max_delay
+        self._cond = threading.Condition()
+        self._batch: Batch | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name=f"reconcile-{name}", daemon=True)
+        self.busy = False
+        self.runs = 0
+        self.last: dict | None = None
+        self.executor: Executor | None = None
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def request(self, reason: str, restart: bool = False) -> None:
+        now = time.monotonic()
+        with self._cond:
+            if self._batch is None:
+                self._batch = Batch(first=now)
+            self._batch.reasons.append(reason)
+            self._batch.restart |= restart
+            self._batch.last = now
+            self._cond.notify_all()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self._stop.set()
+        if self.executor is not None:
+            self.executor.stop.set()
+        with self._cond:
+            self._cond.notify_all()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def _take(self) -> Batch | None:
+        with self._cond:
+            while self._batch is None and not self._stop.is_set():
+                self._cond.wait(1.0)
+            while self._batch is not None and not self._stop.is_set():
+                now = time.monotonic()
+                due = min(self._batch.last + self.quiet, self._batch.first + self.max_delay)
+                if now >= due:
+                    break
+                self._cond.wait(due - now)
+            batch, self._batch = self._batch, None
+            return None if self._stop.is_set() else batch
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            batch = self._take()
+            if batch is None:
+                continue
+            self.busy = True
+            start = time.monotonic()
+            reasons = list(dict.fromkeys(batch.reasons))
+            logger.info(f"reconcile ({self.phase}): {'; '.join(reasons[:5])}"
+                        + (f" (+{len(reasons) - 5} more)" if len(reasons) > 5 else ""))
+            try:
+                self.executor = Executor(self._config(), stop=self._stop)
+                report = self.executor.run(phase=self.phase)
+                result = "ok" if report.ok else "failed: " + ", ".join(
+                    o.name for o in report.outcomes if o.status in ("failed", "blocked"))
+            except Exception as exc:  # noqa: BLE001 - the worker must survive anything
+                logger.exception(f"reconcile ({self.phase}) crashed: {exc}")
+                report, result = Report(), f"error: {exc}"
+            self.runs += 1
+            self.last = {"time": time.strftime("%Y-%m-%d %H:%M:%S"), "phase": self.phase,
+                         "result": result, "duration": round(time.monotonic() - start, 2),
+                         "changed": report.changed}
+            for o in report.outcomes:
+                if o.status in ("installed", "failed", "blocked"):
+                    logger.info(f"{o.name}: {o.status}: {o.message}")
+            try:
+                if not self._stop.is_set():
+                    self._on_done(self, report, batch)
+            except Exception as exc:  # noqa: BLE001
+                logger.exception(f"after reconcile: {exc}")
+            finally:
+                self.busy = False

@@ -1,0 +1,99 @@
+"""Custom nodes that no component manages: cloned by hand or by ComfyUI-Manager.
+
+Each is treated as ComfyUI-Manager would: its requirements.txt installed into ComfyUI's
+interpreter and its install.py run, whenever it is new, its HEAD moved, or its requirement files
+changed. Their state lives in <state_dir>/user_nodes.json (not in markers: they have no
+component name).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from agent.kinds import gitops
+from agent.kinds.base import Ctx, InstallError
+from agent.locks import Lock
+from agent.markers import atomic_write
+from agent.model import Component, Config
+
+SKIP = {"__pycache__", ".disabled", "node_modules"}
+
+
+def custom_nodes_dir(config: Config) -> Path:
+    return config.comfyui.dir / "custom_nodes"
+
+
+def managed(config: Config) -> set[Path]:
+    out: set[Path] = set()
+    for comp in config.components.values():
+        if comp.kind == "git":
+            out.add(Path(comp.spec["dest"]).absolute())
+        elif comp.kind == "nodes":
+            for node in comp.spec["nodes"]:
+                out.add((comp.spec["dest"] / node["name"]).absolute())
+    return out
+
+
+def discover(config: Config) -> list[Path]:
+    root = custom_nodes_dir(config)
+    try:
+        entries = sorted(root.iterdir())
+    except OSError:
+        return []
+    owned = managed(config)
+    return [p for p in entries if p.is_dir() and not p.name.startswith(".")
+            and p.name not in SKIP and not p.name.endswith(".disabled")
+            and p.absolute() not in owned]
+
+
+def _state_path(config: Config) -> Path:
+    return config.state_dir / "user_nodes.json"
+
+
+def _load(config: Config) -> dict:
+    try:
+        data = json.loads(_state_path(config).read_text())
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def pseudo_component(config: Config) -> Component:
+    return Component(name="user_nodes", kind="nodes", timeout=1800.0, retries=0,
+                     log=config.workspace / "logs" / "install" / "user_nodes.log")
+
+
+def converge(ctx: Ctx) -> tuple[list[str], list[str]]:
+    """Install what unmanaged nodes need. Returns (changed node names, failure messages)."""
+    config = ctx.config
+    nodes = discover(config)
+    if not nodes:
+        return [], []
+    comp = pseudo_component(config)
+    changed: list[str] = []
+    failures: list[str] = []
+    with Lock(config.state_dir / "locks" / "user_nodes.lock") as lock:
+        if not lock.acquire(comp.timeout + 60):
+            return [], ["user_nodes: another installer holds the lock"]
+        state = _load(config)
+        for path in nodes:
+            rec = state.get(path.name, {})
+            commit = gitops.head(path)
+            digest = gitops.deps_digest(path)
+            moved = rec.get("commit") != commit or rec.get("deps") != digest
+            problem = gitops.deps_problem(ctx, path, None)
+            if not moved and problem is None:
+                continue
+            try:
+                gitops.install_deps(comp, ctx, path, path.name)
+            except InstallError as exc:
+                failures.append(str(exc))
+                continue
+            state[path.name] = {"commit": commit, "deps": digest}
+            changed.append(path.name)
+        for name in list(state):
+            if not (custom_nodes_dir(config) / name).is_dir():
+                del state[name]
+        atomic_write(_state_path(config), json.dumps(state, indent=1))
+    return changed, failures

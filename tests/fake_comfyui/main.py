@@ -1,0 +1,189 @@
+"""A fake ComfyUI server for tests (stdlib only).
+
+Started like ComfyUI: `python main.py --listen 0.0.0.0 --port 8188 [other args ignored]`.
+
+Routes: GET /system_stats, GET /queue, GET /prompt, POST /prompt, POST /interrupt.
+
+Control (files in $FAKE_COMFY_CONTROL, default <cwd>/.fake_control, re-read on each request):
+  busy   present -> one running item; the integer inside (default 0) is the number pending
+  hang   present -> GET /system_stats blocks until the file is gone
+  crash  present -> exit 1 (checked at start and every 0.1 s)
+
+Environment:
+  FAKE_COMFY_CRASH_ON_START=1   exit 1 right after recording the start
+  FAKE_COMFY_START_DELAY=secs   wait before listening (a slow start)
+  FAKE_COMFY_RECORD=path        append {"pid", "argv", "time", "child_pid"} per start
+  FAKE_COMFY_IGNORE_SIGTERM=1   ignore SIGTERM (only SIGKILL stops it)
+  FAKE_COMFY_SPAWN_CHILD=1      start a child process in the same process group that just waits
+                                (it ignores SIGTERM too when FAKE_COMFY_IGNORE_SIGTERM=1)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+CONTROL = Path(os.environ.get("FAKE_COMFY_CONTROL") or Path.cwd() / ".fake_control")
+CHILD_CODE = (
+    "import os, signal, sys, time\n"
+    "if os.environ.get('FAKE_COMFY_IGNORE_SIGTERM') == '1':\n"
+    "    signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+    "while True:\n"
+    "    time.sleep(1)\n"
+)
+
+
+def say(text: str) -> None:
+    print(f"[fake-comfyui {os.getpid()}] {text}", flush=True)
+
+
+def control(name: str) -> Path:
+    return CONTROL / name
+
+
+def busy_state() -> tuple[list, list]:
+    path = control("busy")
+    try:
+        raw = path.read_text().strip()
+    except FileNotFoundError:
+        return [], []
+    except OSError:
+        raw = ""
+    try:
+        pending = max(0, int(raw or "0"))
+    except ValueError:
+        pending = 0
+    running = [[0, "fake-running", {}, {}, []]]
+    return running, [[i + 1, f"fake-pending-{i}", {}, {}, []] for i in range(pending)]
+
+
+def ram() -> tuple[int, int]:
+    try:
+        info = {}
+        with open("/proc/meminfo") as f:
+            for line in f:
+                key, _, rest = line.partition(":")
+                info[key] = int(rest.split()[0]) * 1024
+        return info.get("MemTotal", 0), info.get("MemAvailable", 0)
+    except (OSError, ValueError, IndexError):
+        return 0, 0
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, fmt: str, *args) -> None:  # keep the log quiet
+        pass
+
+    def _json(self, code: int, body: object) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self) -> None:  # noqa: N802
+        path = self.path.split("?", 1)[0]
+        if path == "/system_stats":
+            while control("hang").exists():
+                time.sleep(0.05)
+            total, free = ram()
+            self._json(200, {
+                "system": {
+                    "os": os.name,
+                    "comfyui_version": "0.0.0-fake",
+                    "python_version": sys.version,
+                    "pytorch_version": "none",
+                    "embedded_python": False,
+                    "argv": sys.argv,
+                    "ram_total": total,
+                    "ram_free": free,
+                },
+                "devices": [],
+            })
+        elif path == "/queue":
+            running, pending = busy_state()
+            self._json(200, {"queue_running": running, "queue_pending": pending})
+        elif path == "/prompt":
+            running, pending = busy_state()
+            self._json(200, {"exec_info": {"queue_remaining": len(running) + len(pending)}})
+        else:
+            self._json(404, {"error": "not found"})
+
+    def do_POST(self) -> None:  # noqa: N802
+        length = int(self.headers.get("Content-Length") or 0)
+        if length:
+            self.rfile.read(length)
+        path = self.path.split("?", 1)[0]
+        if path == "/prompt":
+            self._json(200, {"prompt_id": str(uuid.uuid4()), "number": 0, "node_errors": {}})
+        elif path == "/interrupt":
+            self._json(200, {})
+        else:
+            self._json(404, {"error": "not found"})
+
+
+def watch_control() -> None:
+    while True:
+        if control("crash").exists():
+            say("crash file found: exiting with status 1")
+            os._exit(1)
+        time.sleep(0.1)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--listen", nargs="?", const="0.0.0.0", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8188)
+    args, _unknown = parser.parse_known_args()
+
+    if os.environ.get("FAKE_COMFY_IGNORE_SIGTERM") == "1":
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    else:
+        def on_term(signum, frame):
+            say("SIGTERM: exiting")
+            os._exit(0)
+        signal.signal(signal.SIGTERM, on_term)
+
+    child_pid = None
+    if os.environ.get("FAKE_COMFY_SPAWN_CHILD") == "1":
+        child = subprocess.Popen([sys.executable, "-c", CHILD_CODE], stdin=subprocess.DEVNULL)
+        child_pid = child.pid
+
+    record = os.environ.get("FAKE_COMFY_RECORD")
+    if record:
+        with open(record, "a") as f:
+            f.write(json.dumps({"pid": os.getpid(), "argv": sys.argv, "time": time.time(),
+                                "child_pid": child_pid}) + "\n")
+
+    say(f"starting: {' '.join(sys.argv)} (python {platform.python_version()})")
+    if os.environ.get("FAKE_COMFY_CRASH_ON_START") == "1":
+        say("FAKE_COMFY_CRASH_ON_START: exiting with status 1")
+        os._exit(1)
+    if control("crash").exists():
+        say("crash file found at start: exiting with status 1")
+        os._exit(1)
+    threading.Thread(target=watch_control, name="control", daemon=True).start()
+
+    delay = float(os.environ.get("FAKE_COMFY_START_DELAY") or 0)
+    if delay > 0:
+        time.sleep(delay)
+
+    server = ThreadingHTTPServer((args.listen, args.port), Handler)
+    say(f"To see the GUI go to: http://{args.listen}:{args.port}")
+    server.serve_forever(poll_interval=0.1)
+
+
+if __name__ == "__main__":
+    main()
