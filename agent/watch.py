@@ -42,6 +42,14 @@ def node_signature(node: Path) -> tuple | None:
     return (git_head(node), tuple(files))
 
 
+def _identity(path: Path) -> tuple[int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino)
+
+
 class Events:
     """What the daemon hears from the watcher (each callback must return at once)."""
 
@@ -72,9 +80,10 @@ class Watcher:
         self.poll = poll
         self.mode = "polling" if poll else "inotify"
         self._observer = None
-        self._watches: dict[Path, object] = {}
+        self._watches: dict[Path, tuple[object, tuple[int, int]]] = {}
         self._lock = threading.Lock()
         self._handler = _Handler(self)
+        self._stale: set[Path] = set()  # watched folders seen deleted: watch them anew
         self.restarts = 0
 
     # -------------------------------------------------------------- folders
@@ -125,16 +134,21 @@ class Watcher:
         with self._lock:
             if self._observer is None:
                 return
-            wanted = self.wanted()
-            for path in list(self._watches):
-                if path not in wanted or not path.is_dir():
+            wanted = {p: _identity(p) for p in self.wanted()}
+            for path, (watch, ident) in list(self._watches.items()):
+                # gone, or deleted and re-created (a new inode the old watch does not see)
+                if wanted.get(path) != ident or path in self._stale:
+                    del self._watches[path]
                     try:
-                        self._observer.unschedule(self._watches.pop(path))
+                        self._observer.unschedule(watch)
                     except (KeyError, OSError):
                         pass
-            for path in sorted(wanted - set(self._watches)):
-                self._watches[path] = self._observer.schedule(self._handler, str(path),
-                                                              recursive=False)
+            self._stale.clear()
+            for path in sorted(set(wanted) - set(self._watches)):
+                if wanted[path] is None:
+                    continue
+                watch = self._observer.schedule(self._handler, str(path), recursive=False)
+                self._watches[path] = (watch, wanted[path])
 
     def alive(self) -> bool:
         return self._observer is not None and self._observer.is_alive()
@@ -167,6 +181,9 @@ class Watcher:
     def _classify_path(self, event: FileSystemEvent, path: Path, kind: str) -> None:
         cfg = self.config
         parent = path.parent
+        if event.is_directory and kind in ("deleted", "moved") and path in self._watches:
+            self._stale.add(path)
+            self.events.refresh()
         if kind in ("opened", "closed", "closed_no_write"):
             return
         if event.is_directory and path in (cfg.markers_dir, cfg.comfyui.dir, self.custom_nodes):
