@@ -121,8 +121,10 @@ def test_new_node_folder_is_watched_and_recreated_marker_folder_watched_again(se
     (new / "requirements.txt").write_text("x\n")
     wait_for(lambda: ("fresh", "requirements.txt created") in rec.nodes, 5,
              what="event inside the new node")
+    before = rec.refreshes
     shutil.rmtree(conf.markers_dir)
-    wait_for(lambda: rec.refreshes, 5, what="refresh request")
+    wait_for(lambda: conf.markers_dir in w._stale and rec.refreshes > before, 5,
+             what="the deleted folder marked for a new watch")
     conf.markers_dir.mkdir()
     w.refresh()
     (conf.markers_dir / "x.done").write_text("t\n")
