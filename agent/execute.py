@@ -226,8 +226,10 @@ class Executor:
                            log=str(comp.log), duration=duration)
         duration = time.monotonic() - start
         tail = procs.tail(comp.log, 15)
-        record = {"time": markers.now_stamp(), "reason": redact(error), "log": str(comp.log)}
-        atomic_write(failure_path(self.config, comp.name), json.dumps(record))
+        if not self.stop.is_set():  # an install cut short by shutdown is not a failure
+            record = {"time": markers.now_stamp(), "reason": redact(error),
+                      "log": str(comp.log)}
+            atomic_write(failure_path(self.config, comp.name), json.dumps(record))
         return Outcome(comp.name, "failed", redact(error), log=str(comp.log), tail=tail,
                        duration=duration)
 

@@ -109,11 +109,17 @@ def write(markers_dir: Path, name: str, meta: Mapping[str, str], stamp: str | No
 
 def remove(markers_dir: Path, name: str) -> bool:
     path = path_for(markers_dir, name)
+    key = str(path)
+    previous = _own.get(key, "absent")
+    _own[key] = None  # before the unlink: the watcher may see the event at once
     try:
         path.unlink()
-        _own[str(path)] = None
         return True
     except FileNotFoundError:
+        if previous == "absent":
+            del _own[key]
+        else:
+            _own[key] = previous
         return False
 
 

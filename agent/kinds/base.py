@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import configparser
+import json
 import shutil
 import sys
 from dataclasses import dataclass
@@ -12,6 +13,10 @@ from typing import Sequence
 from agent import procs
 from agent.model import Component, Config, State
 from agent.pyenv import PyEnv, PythonUnavailable, inspect
+
+
+_SITES = ("import json, site, sys; "
+          "print(json.dumps([sys.prefix != sys.base_prefix, site.getsitepackages()]))")
 
 
 class InstallError(Exception):
@@ -66,7 +71,25 @@ class Ctx:
                            log=comp.log, timeout=600, title="create virtualenv")
         if not result.ok or not self.python.exists():
             raise InstallError(f"could not create the virtualenv {cui.venv} with {base}")
+        self._inherit_from_venv(base)
         self.invalidate()
+
+    def _inherit_from_venv(self, base: str) -> None:
+        """--system-site-packages only reaches the *base* interpreter's packages. When the
+        image's Python is itself a venv (/opt/venv, conda), a .pth file makes its packages (its
+        CUDA torch) visible too, after the new venv's own, as system site-packages would be."""
+        code, out = procs.quick([base, "-c", _SITES], 30)
+        mine = procs.quick([str(self.python), "-c", _SITES], 30)
+        try:
+            is_venv, sites = json.loads(out.strip().splitlines()[-1])
+            _, own_sites = json.loads(mine[1].strip().splitlines()[-1])
+        except (ValueError, IndexError):
+            return
+        if code != 0 or not is_venv or not own_sites:
+            return
+        extra = [s for s in sites if s not in own_sites]
+        if extra:
+            Path(own_sites[0], "_pod_agent_base_venv.pth").write_text("\n".join(extra) + "\n")
 
     # -------------------------------------------------------------- installer
     def _inherits_system_site(self) -> bool:
