@@ -128,9 +128,11 @@ class Executor:
     def _step(self, step: Step, obs: Observed, status: dict[str, str]) -> Outcome:
         comp = self.config.components[step.name]
         if step.action == Action.DISABLED:
-            return Outcome(step.name, "disabled", "disabled in config")
+            return self._report(step, Outcome(step.name, "disabled", "disabled in config"),
+                                announce=False)
         if step.action == Action.SKIP_NO_GPU:
-            return Outcome(step.name, "skipped", step.reason)
+            return self._report(step, Outcome(step.name, "skipped", step.reason),
+                                announce=False)
         blocker = self._blocked_by(step, status)
         if blocker is not None:
             outcome = Outcome(step.name, "blocked", f"blocked by {blocker}")

@@ -68,8 +68,10 @@ def observe_one(comp: Component, ctx: Ctx, check_locks: bool = False) -> Observe
         fp, parts = fingerprint(comp, ctx)
         if marker.meta.get("fingerprint") != fp:
             keys = changed_inputs(marker.meta.get("inputs", ""), parts) or ["inputs"]
-            return Observed(State.STALE, f"stale: {', '.join(keys)} changed since install",
-                            marker)
+            problem = KINDS[comp.kind].probe(comp, ctx, marker)
+            detail = f" ({problem.reason})" if problem else ""
+            return Observed(State.STALE, f"stale: {', '.join(keys)} changed since install"
+                            f"{detail}", marker)
     problem = KINDS[comp.kind].probe(comp, ctx, marker)
     if problem is not None:
         prefix = "marker present but broken" if problem.state == State.BROKEN else "stale"
