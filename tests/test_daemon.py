@@ -36,13 +36,13 @@ def fake_servers(port: int) -> list[psutil.Process]:
 
 
 class Agent:
-    def __init__(self, ws, *extra: str, env: dict | None = None):
+    def __init__(self, ws, *extra: str, env: dict | None = None, prefix: tuple = ()):
         self.ws = ws
         self.out = ws.root.parent / f"agent-{time.monotonic_ns()}.out"
         full = dict(os.environ)
         full.update(env or {})
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "agent", "run", *ws.args(), *extra],
+            [*prefix, sys.executable, "-m", "agent", "run", *ws.args(), *extra],
             stdout=open(self.out, "w"), stderr=subprocess.STDOUT, env=full,
             stdin=subprocess.DEVNULL, start_new_session=True)
 
@@ -79,8 +79,8 @@ def aws(ws, tmp_path):
     ws.save()
     agents: list[Agent] = []
 
-    def start(*extra: str, env: dict | None = None) -> Agent:
-        agent = Agent(ws, *extra, env=env)
+    def start(*extra: str, env: dict | None = None, prefix: tuple = ()) -> Agent:
+        agent = Agent(ws, *extra, env=env, prefix=prefix)
         agents.append(agent)
         return agent
 
@@ -308,3 +308,31 @@ def test_systemd_unit_verifies(tmp_path):
     proc = subprocess.run([tool, "verify", str(path)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert "pod-agent.service" not in proc.stderr, proc.stderr
+
+
+def test_as_pid1_reaps_orphans_and_keeps_its_children_exit_codes(aws):
+    unshare = ["unshare", "--pid", "--fork", "--mount-proc"]
+    if not shutil.which("unshare") or subprocess.run([*unshare, "true"]).returncode != 0:
+        pytest.skip("cannot create a PID namespace here")
+    # an installer that leaves orphans behind: they are re-parented to PID 1, the agent
+    aws.config["components"]["orphans"] = {
+        "kind": "command", "run": "for i in 1 2 3; do (sleep 0.2 &); done; sleep 0.5",
+        "check": "true"}
+    aws.save()
+    agent = aws.start_agent(prefix=tuple(unshare))
+    wait_for(lambda: running(aws), 60, what="ComfyUI running under a PID-1 agent")
+    wait_for(lambda: aws.marker("orphans").exists(), 30, what="orphan-making installer done")
+    inner = psutil.Process(agent.proc.pid).children()[0]  # the agent: PID 1 in its namespace
+    assert "agent" in " ".join(inner.cmdline())
+
+    def zombies():
+        return [c for c in inner.children() if c.status() == psutil.STATUS_ZOMBIE]
+
+    wait_for(lambda: not zombies(), 10, what="orphans reaped")
+    # its own child's exit status is still its own: a crash is seen as a crash, not "exit 0"
+    (aws.control / "crash").write_text("")
+    wait_for(lambda: (service(aws).get("last_exit") or {}).get("code") == 1, 20,
+             what="ComfyUI's exit code seen by the supervisor")
+    (aws.control / "crash").unlink()
+    inner.send_signal(signal.SIGTERM)  # what a container runtime sends to PID 1
+    assert agent.proc.wait(40) == 0
