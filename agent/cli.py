@@ -146,7 +146,8 @@ class _Printer:
             self._status = None
         if not self.enabled:
             return
-        _out(f"{outcome.name}: {outcome.message}" if outcome.status in ("already", "installed")
+        _out(f"{outcome.name}: {outcome.message}"
+             if outcome.status in ("already", "installed", "skipped", "disabled")
              else f"{outcome.name}: {outcome.status}: {outcome.message}")
         if outcome.status == "failed":
             if outcome.log:
@@ -244,6 +245,13 @@ def render_status(data: dict[str, Any]) -> str:
                 lines.append(f"          degraded: {cui['degraded_reason']}")
     elif cui is None and data.get("agent") is None:
         lines += ["", "AGENT     not running (start it with `pod-agent run`)"]
+    hs = data.get("health")
+    if hs:
+        bad = [f"{n} {st}" for n, st in hs["checks"].items() if st in ("fail", "warn")]
+        lines.append(f"HEALTH    {str(hs.get('verdict')).upper()}  at {hs.get('time')}"
+                     + (f"  ({', '.join(bad)})" if bad else "")
+                     + (f"  quarantined: {', '.join(hs['quarantined'])}"
+                        if hs.get("quarantined") else "") + "  (`pod-agent health`)")
     if data.get("processes"):
         lines += ["", "PROCESSES"]
         for p in data["processes"]:
@@ -318,6 +326,82 @@ def reset(
         _out(f"removed {markers.path_for(conf.markers_dir, name)}")
     if not removed:
         _out("No marker to remove.")
+
+
+# ----------------------------------------------------------------------------- health
+def render_health(data: dict[str, Any]) -> str:
+    from agent.health import _parse_iso
+
+    now = time.time()
+    head = f"health: {data['verdict'].upper()}"
+    if data.get("time"):
+        head += f"   (report by {data.get('source', '?')} pid {data.get('pid', '?')} on " \
+                f"{data.get('host', '?')})"
+    rows = [("CHECK", "STATUS", "WHEN", "TOOK", "ACTION", "DETAIL")]
+    for name, e in data["checks"].items():
+        when = _age(now - _parse_iso(e.get("time"))) + " ago" if e.get("time") else "-"
+        rows.append((name, e.get("status", "?").upper(), when, f"{e.get('duration', 0):.2f}s",
+                     e.get("action") or "none", e.get("detail") or ""))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    awidth = min(32, max(len(r[4]) for r in rows))
+    lines = [head, ""]
+    for r in rows:
+        action = r[4] if len(r[4]) <= awidth else r[4][:awidth - 3] + "..."
+        lines.append("  ".join(r[i].ljust(widths[i]) for i in range(4)) + "  "
+                     + action.ljust(awidth) + "  " + r[5])
+    for name, why in (data.get("quarantined") or {}).items():
+        lines += ["", f"QUARANTINED {name}: {why}"]
+    return "\n".join(lines)
+
+
+@app.command()
+@handled
+def health(
+    json_out: JsonOpt = False,
+    check: Annotated[Optional[str], typer.Option(
+        "--check", help="Only this check (comfyui_http, comfyui_process, sageattention, "
+        "components, disk, gpu, agent).")] = None,
+    now: Annotated[bool, typer.Option(
+        "--now", help="Run the checks now (also without a running agent; report only, "
+        "no self-healing) instead of showing the latest report.")] = False,
+    workspace: WorkspaceOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """The latest health report (exit 0 healthy, 1 degraded, 2 failing)."""
+    from agent import health as h
+    from agent import log as agent_log
+    from agent.checks import REGISTRY
+
+    conf = _load(config, workspace)
+    if check is not None and check not in REGISTRY:
+        raise AgentError(f"unknown check '{check}' (known: {', '.join(REGISTRY)})")
+    if now:
+        agent_log.health_report(h.report_path(conf), conf.health["report_max_size"],
+                                conf.health["report_retention"])
+        try:
+            monitor = h.Monitor(conf, source="cli")
+            names = [check] if check else monitor.enabled()
+            monitor.run_many(names, force=True)
+        finally:
+            agent_log.close_health_report()
+    state = h.load_state(conf)
+    if state is None:
+        raise AgentError(f"no health report yet ({h.state_path(conf)}): start the agent "
+                         "(`pod-agent run`) or run `pod-agent health --now`")
+    checks = state["checks"]
+    if check is not None:
+        if check not in checks:
+            raise AgentError(f"no result for check '{check}' yet: run "
+                             f"`pod-agent health --now --check {check}`")
+        checks = {check: checks[check]}
+    quarantined = state.get("quarantined") or {}
+    data = dict(state, checks=checks,
+                verdict=h.verdict((e.get("status") for e in checks.values()),
+                                  bool(quarantined) and check is None))
+    _out(json.dumps(data, indent=2) if json_out else render_health(data))
+    code = h.EXIT_CODES[data["verdict"]]
+    if code:
+        raise typer.Exit(code)
 
 
 @app.command()

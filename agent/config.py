@@ -209,6 +209,8 @@ TOP_FIELDS = {
     "agent": ("any", None),
     "defaults": ("any", None),
     "components": ("any", None),
+    "health": ("any", None),
+    "http": ("any", None),
 }
 
 COMFYUI_FIELDS = {
@@ -245,6 +247,63 @@ AGENT_FIELDS = {
     "degraded_retry": ("float", 600.0),
     "start_comfyui": ("bool", True),
 }
+
+# `health:` - the resident agent's health checks (agent/health.py). Each check in `checks:` takes
+# the common CHECK_FIELDS plus its own; omitted checks and fields keep these defaults.
+HEALTH_FIELDS = {
+    "enabled": ("bool", True),
+    "summary_interval": ("float", 300.0),   # a summary record at least this often
+    "report_max_size": ("str", "10 MB"),    # rotate <workspace>/logs/health.jsonl at this size
+    "report_retention": ("int", 5),         # rotated report files kept
+    "reinstall_limit": ("int", 3),          # reinstalls per component per limit_window ...
+    "restart_limit": ("int", 6),            # ... and ComfyUI restarts, before quarantine
+    "limit_window": ("float", 3600.0),
+    "checks": ("any", None),
+}
+
+CHECK_ACTIONS = ("none", "restart_comfyui", "reinstall")
+CHECK_FIELDS = {
+    "enabled": ("bool", True),
+    "interval": ("float", 60.0),
+    "timeout": ("float", 30.0),
+    "failures": ("int", 1),   # consecutive failed runs before the on_fail action
+    "on_fail": ("enum:" + "|".join(CHECK_ACTIONS), "none"),
+}
+
+# check -> (its defaults for CHECK_FIELDS, its own fields, the on_fail actions it allows)
+CHECKS: dict[str, tuple[dict[str, Any], dict[str, tuple[str, Any]], tuple[str, ...]]] = {
+    "comfyui_http": ({"interval": 30.0, "timeout": 5.0, "failures": 3,
+                      "on_fail": "restart_comfyui"},
+                     {"warn_latency": ("float", 2.0)}, ("none", "restart_comfyui")),
+    "comfyui_process": ({"interval": 30.0, "timeout": 10.0, "failures": 2,
+                         "on_fail": "restart_comfyui"},
+                        {"max_rss_gb": ("opt_float", None), "max_open_files": ("opt_int", None)},
+                        ("none", "restart_comfyui")),
+    "sageattention": ({"interval": 600.0, "timeout": 180.0, "failures": 1,
+                       "on_fail": "reinstall"},
+                      {"component": ("str", "sageattention"),
+                       "cache_ttl": ("float", 21600.0),
+                       "tolerance": ("float", 0.05)}, ("none", "reinstall")),
+    "components": ({"interval": 300.0, "timeout": 180.0, "failures": 1,
+                    "on_fail": "reinstall"}, {}, ("none", "reinstall")),
+    "disk": ({"interval": 300.0, "timeout": 15.0},
+             {"paths": ("list[str]", ("{workspace}", "/")),
+              "warn_free_gb": ("float", 10.0), "fail_free_gb": ("float", 2.0)}, ("none",)),
+    "gpu": ({"interval": 60.0, "timeout": 15.0},
+            {"nvidia_smi": ("str", "nvidia-smi"), "warn_temp": ("float", 85.0)}, ("none",)),
+    "agent": ({"interval": 10.0, "timeout": 10.0}, {}, ("none",)),
+}
+
+# `http:` - the agent's HTTP endpoint for orchestrators (agent/http.py).
+HTTP_FIELDS = {
+    "enabled": ("bool", True),
+    "address": ("str", "127.0.0.1"),
+    "port": ("int", 9188),
+    "token": ("opt_str", None),  # bearer token for POST endpoints; env POD_AGENT_HTTP_TOKEN wins
+}
+
+SIZE_RE = re.compile(r"^\s*\d+(\.\d+)?\s*(B|KB|MB|GB|KiB|MiB|GiB)\s*$", re.IGNORECASE)
+
 
 COMMON_FIELDS = {
     "kind": ("str", None),
@@ -320,6 +379,8 @@ def load(config_path: str | Path | None = None, workspace: str | Path | None = N
     agent = _fields(data.get("agent"), data, "agent", AGENT_FIELDS, "agent", ctx)
     defaults = _fields(data.get("defaults"), data, "defaults", DEFAULTS_FIELDS, "defaults", ctx)
     components = _components(data, ctx, ws, defaults)
+    health = _health(data, ctx)
+    http = _http(data, ctx)
 
     settings = ComfyUISettings(
         dir=cui["dir"], python=cui["python"], venv=cui["venv"],
@@ -338,7 +399,53 @@ def load(config_path: str | Path | None = None, workspace: str | Path | None = N
         components=components,
         agent=agent,
         sources=tuple(sources),
+        health=health,
+        http=http,
     )
+
+
+def _health(data: _Map, ctx: _Ctx) -> dict[str, Any]:
+    health = _fields(data.get("health"), data, "health", HEALTH_FIELDS, "health", ctx)
+    where = data.get("health") if isinstance(data.get("health"), _Map) else data
+    if not SIZE_RE.match(health["report_max_size"]):
+        raise _fail(where, "report_max_size", "health", "'report_max_size' must be a size such "
+                    f"as '10 MB', got {health['report_max_size']!r}")
+    raw = health.pop("checks")
+    if raw is not None and not isinstance(raw, _Map):
+        raise _fail(where, "checks", "health", "'checks' must be a mapping of check names")
+    raw = raw if raw is not None else {}
+    for name in raw:
+        if name not in CHECKS:
+            raise _fail(raw, name, "health", f"unknown check '{name}' (known: "
+                        f"{', '.join(CHECKS)})")
+    checks: dict[str, dict[str, Any]] = {}
+    for name, (defaults, own, actions) in CHECKS.items():
+        schema = {k: (typ, defaults.get(k, default)) for k, (typ, default)
+                  in CHECK_FIELDS.items()} | own
+        who = f"health check '{name}'"
+        body = raw.get(name)
+        values = _fields(body, raw if isinstance(raw, _Map) else where, name, schema, who, ctx)
+        if values["on_fail"] not in actions:
+            raise _fail(body if isinstance(body, _Map) else raw, "on_fail", who,
+                        f"'on_fail' must be one of {', '.join(actions)} for this check, "
+                        f"got {values['on_fail']!r}")
+        if values["interval"] <= 0 or values["timeout"] <= 0:
+            key = "interval" if values["interval"] <= 0 else "timeout"
+            raise _fail(body if isinstance(body, _Map) else raw, key, who,
+                        f"'{key}' must be > 0")
+        if "paths" in values:
+            values["paths"] = tuple(ctx.expand(str(v)) for v in values["paths"])
+        checks[name] = values
+    health["checks"] = checks
+    return health
+
+
+def _http(data: _Map, ctx: _Ctx) -> dict[str, Any]:
+    http = _fields(data.get("http"), data, "http", HTTP_FIELDS, "http", ctx)
+    if http["port"] > 65535:
+        where = data.get("http") if isinstance(data.get("http"), _Map) else data
+        raise _fail(where, "port", "http", f"'port' must be 0-65535, got {http['port']}")
+    return http
 
 
 def _components(data: _Map, ctx: _Ctx, ws: Path, defaults: Mapping[str, Any]) -> dict[str, Component]:

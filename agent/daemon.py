@@ -2,8 +2,10 @@
 
 Threads: the main thread (housekeeping every 0.1 s: debounced node changes, watch refresh,
 SIGHUP reload, orphan reaping as PID 1, state files), the supervisor's tick thread, two reconcile
-workers (foreground components, then background ones), the watchdog observer and APScheduler's
-timer thread. Everything that wants work done calls `request`; nothing else installs.
+workers (foreground components, then background ones), the watchdog observer, APScheduler's
+timer and worker threads (periodic reconcile, one job per health check: agent/health.py) and the
+HTTP endpoint's thread (agent/http.py). Everything that wants work done calls `request`; nothing
+else installs.
 """
 
 from __future__ import annotations
@@ -19,8 +21,11 @@ from loguru import logger
 
 from agent import log as agent_log
 from agent import procs
+from agent.checks import sage
 from agent.config import load
+from agent.endpoints import AgentApi
 from agent.execute import Report
+from agent.health import Hooks, Monitor, report_path
 from agent.kinds.base import Ctx
 from agent.markers import atomic_write
 from agent.locks import Lock, read_holder
@@ -31,6 +36,7 @@ from agent.supervisor import Supervisor
 from agent.watch import Events, Watcher, node_signature
 
 SAGE_FLAG = "--use-sage-attention"
+BOOT_GRACE = 10.0  # seconds before the first health checks: the boot reconcile goes first
 SAGE_COMPONENT = "sageattention"
 
 
@@ -54,6 +60,9 @@ class Daemon:
         self.job_events: dict[str, int] = {"error": 0, "missed": 0, "max_instances": 0}
         self._last_state_write = 0.0
         self._last_service: dict | None = None
+        self._heartbeat = time.monotonic()
+        self._sage_flag: bool | None = None  # whether ComfyUI was last started with it
+        self.http_info: dict | None = None
 
     # ------------------------------------------------------------------ wiring
     def _build(self) -> None:
@@ -72,15 +81,48 @@ class Daemon:
                                            refresh=self._refresh.set), poll=self.poll)
         from apscheduler.events import (EVENT_JOB_ERROR, EVENT_JOB_MAX_INSTANCES,
                                         EVENT_JOB_MISSED)
+        from apscheduler.executors.pool import ThreadPoolExecutor
         from apscheduler.schedulers.background import BackgroundScheduler
 
-        self.scheduler = BackgroundScheduler(job_defaults={
-            "coalesce": True, "max_instances": 1, "misfire_grace_time": 60})
+        self.scheduler = BackgroundScheduler(
+            executors={"default": ThreadPoolExecutor(16)},
+            job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 60})
         self.scheduler.add_job(self.periodic_reconcile, "interval", id="reconcile",
                                seconds=agent["reconcile_interval"])
         self.scheduler.add_job(self.check_watcher, "interval", id="watcher", seconds=5)
         self.scheduler.add_listener(self._job_event, EVENT_JOB_ERROR | EVENT_JOB_MISSED
                                     | EVENT_JOB_MAX_INSTANCES)
+        self.health = Monitor(cfg, Hooks(
+            service=self.supervisor.snapshot, comfy_expected=lambda: self._comfy_started,
+            request_restart=self.supervisor.request_restart,
+            request_reconcile=self.request_reconcile, watcher=self.watcher,
+            job_events=lambda: dict(self.job_events)))
+        self.api = AgentApi(self)
+        self.health.listeners += [self.api.metrics.on_check, self._on_health]
+        self._schedule_health()
+
+    def _schedule_health(self) -> None:
+        """One APScheduler job per enabled check (and the periodic summary); again on reload."""
+        from datetime import datetime, timedelta
+
+        for job in self.scheduler.get_jobs():
+            if job.id.startswith("health:"):
+                job.remove()
+        health = self.config.health
+        if not health["enabled"]:
+            return
+        now = datetime.now()
+        for name in self.health.enabled():
+            s = health["checks"][name]
+            # the boot reconcile (which probes every component anyway) goes first: the first
+            # `components` check waits one interval, the others min(interval, 10 s)
+            first = now + timedelta(seconds=s["interval"] if name == "components"
+                                    else min(s["interval"], BOOT_GRACE))
+            self.scheduler.add_job(self.health.run, "interval", args=[name],
+                                   id=f"health:{name}", seconds=s["interval"],
+                                   next_run_time=first)
+        self.scheduler.add_job(self.health.summary, "interval", id="health:summary",
+                               seconds=health["summary_interval"])
 
     def _job_event(self, event) -> None:
         from apscheduler.events import EVENT_JOB_ERROR, EVENT_JOB_MISSED
@@ -90,6 +132,10 @@ class Daemon:
         self.job_events[kind] += 1
         logger.warning(f"scheduler: job {event.job_id} {kind}"
                        + (f": {event.exception}" if getattr(event, "exception", None) else ""))
+
+    def request_reconcile(self, reason: str) -> None:
+        self.fg.request(reason)
+        self.bg.request(reason)
 
     # ------------------------------------------------------------------ events (never block)
     def on_marker(self, name: str, kind: str, path: str) -> None:
@@ -123,6 +169,7 @@ class Daemon:
                 if n.startswith("custom_nodes/") or (n in comps and comps[n].restart_comfyui)]
 
     def _after_fg(self, rec: Reconciler, report: Report, batch: Batch) -> None:
+        self.api.metrics.on_reconcile(rec.phase, rec.last)
         self._write_agent_state()
         if not self._comfy_started:
             if self._required_ok():
@@ -141,6 +188,7 @@ class Daemon:
             self.supervisor.request_restart(why, urgent=False)
 
     def _after_bg(self, rec: Reconciler, report: Report, batch: Batch) -> None:
+        self.api.metrics.on_reconcile(rec.phase, rec.last)
         self._write_agent_state()
         changed = self._restart_worthy(report)
         if changed:
@@ -157,20 +205,42 @@ class Daemon:
         self.supervisor.start()
 
     def extra_args(self) -> list[str]:
+        flag = self._want_sage_flag()
+        self._sage_flag = flag
+        return [SAGE_FLAG] if flag else []
+
+    def _want_sage_flag(self) -> bool:
         cui = self.config.comfyui
         if SAGE_FLAG in cui.args or cui.sage_attention == "off":
-            return []
+            return False
         if cui.sage_attention == "on":
-            return [SAGE_FLAG]
+            return True
         comp = self.config.components.get(SAGE_COMPONENT)
         if comp is None or not comp.enabled:
-            return []
+            return False
         try:
             ok = observe_one(comp, Ctx(self.config)).state == State.INSTALLED
         except Exception as exc:  # noqa: BLE001 - a failing probe means "not in use"
             logger.warning(f"sageattention probe failed: {exc}")
             ok = False
-        return [SAGE_FLAG] if ok else []
+        if ok and hasattr(self, "health"):
+            blocked = sage.flag_blocked(self.health.latest_entry("sageattention"), self.config,
+                                        SAGE_COMPONENT)
+            if blocked:
+                logger.warning(f"not passing {SAGE_FLAG}: the kernel check failed: {blocked}")
+                return False
+        return ok
+
+    def _on_health(self, entry: dict) -> None:
+        """A sageattention verdict that changes whether ComfyUI should run with the flag means
+        a (queue-aware) restart; the reinstall itself is the check's on-fail action."""
+        if entry.get("check") != "sageattention" or not self._comfy_started \
+                or self._sage_flag is None or entry.get("status") not in ("ok", "fail"):
+            return
+        if self._want_sage_flag() != self._sage_flag:
+            self.supervisor.request_restart(
+                f"sageattention check {entry['status']}: "
+                f"{'without' if self._sage_flag else 'with'} {SAGE_FLAG}", urgent=False)
 
     # ------------------------------------------------------------------ timers
     def periodic_reconcile(self) -> None:
@@ -178,13 +248,18 @@ class Daemon:
         self.bg.request("periodic full reconcile")
 
     def check_watcher(self) -> None:
-        if not self.watcher.alive():
+        # a dead observer is the `agent` health check's to notice, restart and report; without
+        # that check this job does it
+        agent_check = self.config.health["checks"]["agent"]
+        if not (self.config.health["enabled"] and agent_check["enabled"]) \
+                and not self.watcher.alive():
             self.watcher.restart()
         self._refresh.set()
 
     # ------------------------------------------------------------------ housekeeping
     def _housekeeping(self) -> None:
         now = time.monotonic()
+        self._heartbeat = now
         quiet = self.config.agent["restart_quiet_period"]
         # While the foreground worker runs, node events are mostly its own clones and pulls;
         # judge them once it is done and has recorded what it changed.
@@ -259,7 +334,12 @@ class Daemon:
         self._refresh.set()
         self.supervisor.settings = new.comfyui
         self.supervisor.agent = dict(new.agent)
+        self.health.config = new
+        self._schedule_health()
+        agent_log.add_secret(new.http.get("token"))
         logger.info("SIGHUP: config reloaded")
+        if new.http != old.http:
+            logger.warning("SIGHUP: http settings take effect when the agent restarts")
         if new.comfyui != old.comfyui and self._comfy_started:
             self.supervisor.request_restart("ComfyUI settings changed", urgent=False)
         self.fg.request("config reloaded")
@@ -281,6 +361,8 @@ class Daemon:
             "watch": {"mode": self.watcher.mode, "watches": self.watcher.watch_count(),
                       "observer_restarts": self.watcher.restarts},
             "scheduler_events": dict(self.job_events),
+            "start_comfyui": self.start_comfyui,
+            "http": self.http_info,
         }
         sd = self.config.runtime_dir
         try:
@@ -303,6 +385,9 @@ class Daemon:
     def run(self) -> int:
         cfg = self.config
         agent_log.configure(level="INFO", file=cfg.workspace / "logs" / "agent.log")
+        agent_log.add_secret(cfg.http.get("token"))
+        agent_log.health_report(report_path(cfg), cfg.health["report_max_size"],
+                                cfg.health["report_retention"])
         for folder in (cfg.markers_dir, cfg.runtime_dir, cfg.workspace / "logs"):
             folder.mkdir(parents=True, exist_ok=True)
         self._single = Lock(cfg.runtime_dir / "agent.lock")
@@ -318,6 +403,7 @@ class Daemon:
                                       args=(self.stop_event, 0.2), name="supervisor",
                                       daemon=True)
         try:
+            self.http_info = self.api.start_http()
             self.watcher.start()
             self.fg.start()
             self.bg.start()
@@ -348,6 +434,8 @@ class Daemon:
 
     def shutdown(self, sup_thread: threading.Thread) -> None:
         self.stop_event.set()
+        self.api.stop_http()
+        self.health.close()
         try:
             self.scheduler.shutdown(wait=False)
         except Exception:  # noqa: BLE001 - not started
@@ -371,6 +459,7 @@ class Daemon:
         self._write_service_stopped()
         self._single.release()
         logger.info("pod-agent stopped")
+        agent_log.close_health_report()
 
     def _write_service_stopped(self) -> None:
         try:

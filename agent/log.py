@@ -16,15 +16,37 @@ from loguru import logger
 from agent.redact import redact
 
 _configured = False
+_secrets: set[str] = set()  # values that are secret wherever they appear (e.g. http.token)
+_health_sink: int | None = None
+HEALTH_KEY = "health_json"  # records bound with this extra go to the health report only
+
+
+def add_secret(value: str | None) -> None:
+    """Treat value as a secret in every log record and report from now on."""
+    if value and len(value) >= 4:
+        _secrets.add(value)
+
+
+def scrub(text: str) -> str:
+    """redact() plus the secrets registered with add_secret()."""
+    if not text:
+        return text
+    for value in sorted(_secrets, key=len, reverse=True):
+        text = text.replace(value, "***")
+    return redact(text)
+
+
+def _not_health(record) -> bool:
+    return HEALTH_KEY not in record["extra"]
 
 
 def _patch(record) -> None:
-    record["message"] = redact(record["message"])
+    record["message"] = scrub(record["message"])
     if record["exception"] is not None:
         exc = record["exception"]
         if exc.value is not None and exc.value.args:
             try:
-                exc.value.args = tuple(redact(a) if isinstance(a, str) else a
+                exc.value.args = tuple(scrub(a) if isinstance(a, str) else a
                                        for a in exc.value.args)
             except (AttributeError, TypeError):
                 pass
@@ -46,16 +68,19 @@ class InterceptHandler(logging.Handler):
 def configure(level: str = "INFO", file: Path | None = None, stderr: bool = True,
               rotation: str = "20 MB", retention: int = 5) -> None:
     """(Re)configure sinks. Safe to call more than once."""
-    global _configured
+    global _configured, _health_sink
     logger.remove()
+    _health_sink = None
     logger.configure(patcher=_patch)
     fmt = "{time:YYYY-MM-DD HH:mm:ss} | {level: <7} | {message}"
     if stderr:
-        logger.add(sys.stderr, level=level, format=fmt, diagnose=False, backtrace=False)
+        logger.add(sys.stderr, level=level, format=fmt, diagnose=False, backtrace=False,
+                   filter=_not_health)
     if file is not None:
         file.parent.mkdir(parents=True, exist_ok=True)
         logger.add(file, level="DEBUG", format=fmt, rotation=rotation, retention=retention,
-                   diagnose=False, backtrace=False, enqueue=False, watch=True)
+                   diagnose=False, backtrace=False, enqueue=False, watch=True,
+                   filter=_not_health)
     if not _configured:
         logging.basicConfig(handlers=[InterceptHandler()], level=logging.INFO, force=True)
         for name in ("apscheduler", "watchdog", "git"):
@@ -66,3 +91,40 @@ def configure(level: str = "INFO", file: Path | None = None, stderr: bool = True
 def quiet() -> None:
     """One-shot commands: warnings only, to stderr."""
     configure(level="WARNING", stderr=True)
+
+
+def _health_only(record) -> bool:
+    return HEALTH_KEY in record["extra"]
+
+
+def health_report(path: Path, max_size: str = "10 MB", retention: int = 5) -> None:
+    """(Re)open the health report sink: one JSON object per line, nothing else.
+
+    The caller serialises (loguru's documented pattern for a custom serialisation: the JSON text
+    travels in `extra` and the format prints only it), so each line is exactly the flat report
+    record - time, check, status, detail, duration, action - not loguru's nested `serialize=True`
+    envelope. Rotation by size, a bounded number of old files, and `watch=True`: a deleted or
+    moved report file is reopened on the next record.
+    """
+    global _health_sink
+    if _health_sink is not None:
+        try:
+            logger.remove(_health_sink)
+        except ValueError:
+            pass
+        _health_sink = None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _health_sink = logger.add(
+        path, level="DEBUG", format="{extra[" + HEALTH_KEY + "]}", filter=_health_only,
+        rotation=max_size, retention=retention, watch=True, enqueue=False, diagnose=False,
+        backtrace=False, catch=True)
+
+
+def close_health_report() -> None:
+    global _health_sink
+    if _health_sink is not None:
+        try:
+            logger.remove(_health_sink)
+        except ValueError:
+            pass
+        _health_sink = None

@@ -60,6 +60,8 @@ class Config:
     components: Mapping[str, Component]
     agent: Mapping[str, Any]
     sources: tuple[str, ...]
+    health: Mapping[str, Any] = field(default_factory=dict)  # `health:` (see agent/config.py)
+    http: Mapping[str, Any] = field(default_factory=dict)  # `http:` (see agent/config.py)
 
     @property
     def runtime_dir(self) -> Path:
@@ -83,7 +85,9 @@ class Config:
 
         for name in self.components:
             visit(name)
-        return done
+        # derived components last, whatever file they came from
+        return [n for n in done if self.components[n].kind != "overall"] + \
+            [n for n in done if self.components[n].kind == "overall"]
 
 
 @dataclass(frozen=True)

@@ -115,6 +115,18 @@ def verdict(config: Config, comps: dict[str, dict[str, Any]],
     return "degraded" if bad else "healthy"
 
 
+def health_summary(config: Config) -> dict[str, Any] | None:
+    """The latest health report in brief (`pod-agent health` has the details)."""
+    from agent.health import load_state
+
+    state = load_state(config)
+    if state is None:
+        return None
+    checks = {n: e.get("status") for n, e in state["checks"].items() if isinstance(e, dict)}
+    return {"verdict": state.get("verdict"), "time": state.get("time"), "checks": checks,
+            "quarantined": sorted(state.get("quarantined") or {})}
+
+
 def collect(config: Config, gpu: bool | None = None) -> dict[str, Any]:
     ctx = Ctx(config, gpu=gpu)
     observed = observe(ctx, check_locks=True)
@@ -141,5 +153,6 @@ def collect(config: Config, gpu: bool | None = None) -> dict[str, Any]:
         "logs": logs(config),
         "agent": agent,
         "comfyui": comfyui,
+        "health": health_summary(config),
         "verdict": verdict(config, comps, comfyui),
     }

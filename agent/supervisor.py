@@ -36,6 +36,7 @@ import psutil
 from loguru import logger
 
 from agent.model import ComfyUISettings
+from agent.redact import redact
 
 STATE_FILE = "comfyui.json"
 LOG_MAX_BYTES = 20 * 1024 * 1024
@@ -430,7 +431,7 @@ class Supervisor:
             return
         try:
             os.write(fd, f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} pod-agent starts ComfyUI: "
-                         f"{' '.join(cmd)}\n".encode())
+                         f"{redact(' '.join(cmd))}\n".encode())
             proc = subprocess.Popen(cmd, cwd=str(s.dir), env=env, stdin=subprocess.DEVNULL,
                                     stdout=fd, stderr=fd, start_new_session=True, close_fds=True)
         except OSError as exc:

@@ -78,6 +78,8 @@ def converge(ctx: Ctx) -> tuple[list[str], list[str]]:
             return [], ["user_nodes: another installer holds the lock"]
         state = _load(config)
         for path in nodes:
+            if (path / ".git").is_dir() and not (path / ".git" / "index").exists():
+                continue  # a clone still in progress: its files are not all there yet
             rec = state.get(path.name, {})
             commit = gitops.head(path)
             digest = gitops.deps_digest(path)

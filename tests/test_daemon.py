@@ -72,6 +72,7 @@ def aws(ws, tmp_path):
     ws.config["comfyui"].update({
         "args": ["--listen", "127.0.0.1", "--port", str(port)], "port": port,
         "env": {"FAKE_COMFY_RECORD": str(ws.record), "FAKE_COMFY_CONTROL": str(ws.control)}})
+    ws.config["http"] = {"port": 0}
     ws.config["agent"] = {
         "restart_quiet_period": 1.0, "backoff_initial": 0.3, "backoff_max": 2.0,
         "ready_poll_interval": 0.2, "liveness_interval": 0.5, "queue_poll_interval": 0.2,
