@@ -1,6 +1,6 @@
 """`pod-agent run`: wiring, signals, shutdown.
 
-Threads: the main thread (housekeeping every 0.1 s: debounced node changes, watch refresh,
+Threads: the main thread (housekeeping every 0.25 s: debounced node changes, watch refresh,
 SIGHUP reload, orphan reaping as PID 1, state files), the supervisor's tick thread, two reconcile
 workers (foreground components, then background ones), the watchdog observer, APScheduler's
 timer and worker threads (periodic reconcile, one job per health check: agent/health.py) and the
@@ -36,6 +36,8 @@ from agent.supervisor import Supervisor
 from agent.watch import Events, Watcher, node_signature
 
 SAGE_FLAG = "--use-sage-attention"
+MARKER_QUIET = 0.5  # a burst of events ends after this much quiet (or at marker_debounce)
+HOUSEKEEPING_INTERVAL = 0.25  # node debounce, watch refresh, SIGHUP, reaping, state files
 BOOT_GRACE = 10.0  # seconds before the first health checks: the boot reconcile goes first
 SAGE_COMPONENT = "sageattention"
 
@@ -71,10 +73,10 @@ class Daemon:
         self.supervisor = Supervisor(cfg.comfyui, agent, cfg.runtime_dir,
                                      extra_args=self.extra_args)
         self.fg = Reconciler("foreground", "foreground", lambda: self.config, self._after_fg,
-                             quiet=min(0.25, agent["marker_debounce"]),
+                             quiet=min(MARKER_QUIET, agent["marker_debounce"]),
                              max_delay=agent["marker_debounce"])
         self.bg = Reconciler("background", "background", lambda: self.config, self._after_bg,
-                             quiet=min(0.25, agent["marker_debounce"]),
+                             quiet=min(MARKER_QUIET, agent["marker_debounce"]),
                              max_delay=agent["marker_debounce"])
         self.watcher = Watcher(cfg, Events(marker=self.on_marker, node=self.on_node,
                                            restart=self.on_restart_event,
@@ -271,7 +273,7 @@ class Daemon:
         if changed:
             # before ComfyUI first starts, only the requirements matter: the start loads them
             self.fg.request("custom nodes changed: " + "; ".join(changed),
-                            restart=self._comfy_started)
+                            restart=self._comfy_started, settled=True)
         if self._refresh.is_set():
             self._refresh.clear()
             try:
@@ -400,7 +402,8 @@ class Daemon:
         logger.info(f"pod-agent {__import__('agent').__version__} starting: workspace "
                     f"{cfg.workspace}, pid {os.getpid()}")
         sup_thread = threading.Thread(target=self.supervisor.run_forever,
-                                      args=(self.stop_event, 0.2), name="supervisor",
+                                      args=(self.stop_event, self._tick_interval()),
+                                      name="supervisor",
                                       daemon=True)
         try:
             self.http_info = self.api.start_http()
@@ -411,7 +414,7 @@ class Daemon:
             sup_thread.start()
             self.boot()
             self._write_agent_state()
-            while not self.stop_event.wait(0.1):
+            while not self.stop_event.wait(HOUSEKEEPING_INTERVAL):
                 try:
                     self._housekeeping()
                 except Exception as exc:  # noqa: BLE001 - keep the agent alive
@@ -419,6 +422,12 @@ class Daemon:
         finally:
             self.shutdown(sup_thread)
         return 0
+
+    def _tick_interval(self) -> float:
+        """The supervisor's clock: fine enough for its own polling intervals, and no finer
+        (an idle agent should cost next to nothing)."""
+        agent = self.config.agent
+        return max(0.05, min(0.5, agent["ready_poll_interval"], agent["queue_poll_interval"]))
 
     def boot(self) -> None:
         if not self.start_comfyui:
@@ -434,6 +443,7 @@ class Daemon:
 
     def shutdown(self, sup_thread: threading.Thread) -> None:
         self.stop_event.set()
+        self.supervisor.wake()
         self.api.stop_http()
         self.health.close()
         try:

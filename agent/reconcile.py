@@ -21,6 +21,7 @@ from agent.model import Config
 class Batch:
     reasons: list[str] = field(default_factory=list)
     restart: bool = False
+    settled: bool = False
     first: float = 0.0
     last: float = 0.0
 
@@ -49,7 +50,9 @@ class Reconciler:
     def start(self) -> None:
         self._thread.start()
 
-    def request(self, reason: str, restart: bool = False) -> None:
+    def request(self, reason: str, restart: bool = False, settled: bool = False) -> None:
+        """Ask for a reconcile. `settled`: the caller already waited out its own burst (the
+        node-change quiet period), so this request does not wait for more quiet."""
         now = time.monotonic()
         with self._cond:
             if self._batch is None:
@@ -57,6 +60,7 @@ class Reconciler:
             self._batch.reasons.append(reason)
             self._batch.restart |= restart
             self._batch.last = now
+            self._batch.settled |= settled
             self._cond.notify_all()
 
     def stop(self, timeout: float = 30.0) -> None:
@@ -75,6 +79,8 @@ class Reconciler:
             while self._batch is not None and not self._stop.is_set():
                 now = time.monotonic()
                 due = min(self._batch.last + self.quiet, self._batch.first + self.max_delay)
+                if self._batch.settled:
+                    due = now
                 if now >= due:
                     break
                 self._cond.wait(due - now)

@@ -98,6 +98,7 @@ class Supervisor:
         self.http_timeout = http_timeout
         self._lock = threading.RLock()  # serialises tick/start/stop/adopt
         self._req_lock = threading.Lock()  # guards _pending and _seq
+        self._wake = threading.Event()  # cuts run_forever's wait short
         self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
         self.state = ServiceState.STOPPED
@@ -188,6 +189,7 @@ class Supervisor:
                 logger.info("ComfyUI restart requested ({}) after shutdown: ignored", reason)
                 return
             self._seq += 1
+            self._wake.set()
             req = self._pending
             if req is None:
                 self._pending = _Request(reason, now, time.time(), urgent, self._seq)
@@ -200,12 +202,17 @@ class Supervisor:
         logger.info("ComfyUI restart requested{}: {}", " (urgent)" if urgent else "", reason)
 
     def run_forever(self, stop_event: threading.Event, interval: float = 0.5) -> None:
+        """Tick every `interval`, and at once after a restart request or `wake()`."""
         while not stop_event.is_set():
             try:
                 self.tick()
             except Exception:  # keep supervising whatever one tick did
                 logger.exception("ComfyUI supervisor tick failed")
-            stop_event.wait(interval)
+            self._wake.wait(interval)
+            self._wake.clear()
+
+    def wake(self) -> None:
+        self._wake.set()
 
     def snapshot(self) -> dict[str, Any]:
         now = time.monotonic()

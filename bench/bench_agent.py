@@ -136,15 +136,20 @@ def main() -> None:
         # 4. custom node change -> restart begun
         node = ws["root"] / "ComfyUI" / "custom_nodes" / "node-03" / "__init__.py"
         quiet = cfg["agent"]["restart_quiet_period"]
-        restart = []
-        for _ in range(3):
+        restart, stopped = [], []
+        for _ in range(5):
             n = len(starts(ws))
+            old = psutil.Process(starts(ws)[-1]["pid"])
             time.sleep(0.5)
             t0 = time.time()
             node.write_text(f"# {t0}\n")
+            wait(lambda: not old.is_running())
+            stopped.append(time.time() - t0)
             wait(lambda: len(starts(ws)) > n)
             restart.append(starts(ws)[-1]["time"] - t0)
             wait(lambda: service(ws).get("state") == "running")
+        rows.append((f"node change -> old ComfyUI gone (quiet {quiet:g}s)", stopped, "s",
+                     "restart begun: reconcile, queue check, SIGTERM"))
         rows.append((f"node change -> ComfyUI respawned (quiet {quiet:g}s)", restart, "s",
                      "stop + spawn included"))
 
