@@ -18,7 +18,6 @@ from agent.model import Action, Config, Observed, Outcome, State, Step
 from agent.observe import (OK_STATES, failure_path, fingerprint, lock_path, observe,
                            observe_one, observe_overall)
 from agent.plan import closure, make
-from agent.pyenv import PythonUnavailable
 from agent.redact import redact
 
 
@@ -77,13 +76,7 @@ class Executor:
 
                 raise AgentError(f"unknown component '{n}' (known: {', '.join(comps)})")
         targets = closure(comps, named) if named is not None else None
-        try:
-            observed = observe(self.ctx)
-        except PythonUnavailable:
-            observed = {}
-        for name in self.config.order():
-            if name not in observed and comps[name].kind != "overall":
-                observed[name] = observe_one(comps[name], self.ctx)
+        observed = observe(self.ctx)
         steps = make(self.config.order(), comps, observed, targets, force,
                      set(named) if named is not None else None)
         report = Report(requested=set(targets) if targets is not None else set(comps))

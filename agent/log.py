@@ -107,12 +107,7 @@ def health_report(path: Path, max_size: str = "10 MB", retention: int = 5) -> No
     moved report file is reopened on the next record.
     """
     global _health_sink
-    if _health_sink is not None:
-        try:
-            logger.remove(_health_sink)
-        except ValueError:
-            pass
-        _health_sink = None
+    close_health_report()
     path.parent.mkdir(parents=True, exist_ok=True)
     _health_sink = logger.add(
         path, level="DEBUG", format="{extra[" + HEALTH_KEY + "]}", filter=_health_only,

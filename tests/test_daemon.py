@@ -15,7 +15,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.helpers import ROOT, commit_files, git, make_repo, run_cli, wait_for, write_yaml
+from tests.helpers import ROOT, commit_files, git, make_repo, run_cli, wait_for
 
 FAKE = ROOT / "tests" / "fake_comfyui" / "main.py"
 
