@@ -48,7 +48,20 @@ def _construct_map(loader: _Loader, node: yaml.MappingNode) -> _Map:
     return out
 
 
+class _Seq(list):
+    """A list that remembers the line of each item."""
+
+    lines: list[int]
+
+
+def _construct_seq(loader: _Loader, node: yaml.SequenceNode) -> _Seq:
+    out = _Seq(loader.construct_object(child, deep=True) for child in node.value)
+    out.lines = [child.start_mark.line + 1 for child in node.value]
+    return out
+
+
 _Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_map)
+_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_SEQUENCE_TAG, _construct_seq)
 
 
 def default_config_path() -> Path:
@@ -476,7 +489,11 @@ def _components(data: _Map, ctx: _Ctx, ws: Path, defaults: Mapping[str, Any]) ->
             spec = module.validate({k: values[k] for k in module.FIELDS}, ctx.expand)
         except ValueError as exc:
             key = getattr(exc, "key", None)
-            raise _fail(body, key if key in body else None, who, str(exc)) from None
+            error = _fail(body, key if key in body else None, who, str(exc))
+            items, index = body.get(key), getattr(exc, "index", None)
+            if isinstance(items, _Seq) and index is not None and index < len(items.lines):
+                error = ConfigError(f"{body.src[key][0]}:{items.lines[index]}: {who}: {exc}")
+            raise error from None
         log = values["log"] or ws / "logs" / "install" / f"{name}.log"
         out[name] = Component(
             name=name, kind=kind, depends_on=values["depends_on"], enabled=values["enabled"],

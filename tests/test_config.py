@@ -39,7 +39,7 @@ CONFIG_ERRORS = [
     ("name-starting-with-digit", "  1st: {kind: command, run: x}\n", 4, "1st",
      "plain identifier"),
     ("unquoted-spec", "  deps:\n    kind: pip\n    packages:\n      - accelerate\n"
-     "      - transformers>=4.28.1 >\n", 6, "deps",
+     "      - transformers>=4.28.1 >\n", 8, "deps",
      "invalid package spec 'transformers>=4.28.1 >'"),
     ("not-pep508", "  deps: {kind: pip, packages: ['torch sde']}\n", 4, "deps",
      "invalid package spec 'torch sde'"),
@@ -49,7 +49,7 @@ CONFIG_ERRORS = [
      "'retries' must be a whole number"),
     ("bad-bool", "  a: {kind: command, run: x, required: maybe}\n", 4, "a",
      "'required' must be true or false"),
-    ("node-without-repo", "  n:\n    kind: nodes\n    nodes:\n      - {ref: main}\n", 6, "n",
+    ("node-without-repo", "  n:\n    kind: nodes\n    nodes:\n      - {ref: main}\n", 7, "n",
      "needs a 'repo'"),
 ]
 

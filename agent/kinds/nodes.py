@@ -30,9 +30,10 @@ _NODE_KEYS = {"repo", "ref", "enabled", "name"}
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]+$")
 
 
-def _err(msg: str, key: str = "nodes") -> ValueError:
+def _err(msg: str, key: str = "nodes", index: int | None = None) -> ValueError:
     err = ValueError(msg)
     err.key = key  # type: ignore[attr-defined]
+    err.index = index  # type: ignore[attr-defined]
     return err
 
 
@@ -46,21 +47,23 @@ def validate(values: dict[str, Any], expand: Callable[[str], str]) -> dict[str, 
         if isinstance(item, str):
             item = {"repo": item}
         if not isinstance(item, dict) or not item.get("repo"):
-            raise _err(f"nodes[{i}] needs a 'repo' URL")
+            raise _err(f"nodes[{i}] needs a 'repo' URL", index=i)
         unknown = set(item) - _NODE_KEYS
         if unknown:
             raise _err(f"nodes[{i}]: unknown field '{sorted(unknown)[0]}' "
-                       f"(known: {', '.join(sorted(_NODE_KEYS))})")
+                       f"(known: {', '.join(sorted(_NODE_KEYS))})", index=i)
         repo = expand(str(item["repo"]))
         name = str(item.get("name") or gitops.repo_name(repo))
         if not _NAME_RE.match(name) or name in (".", ".."):
-            raise _err(f"nodes[{i}]: cannot use {name!r} as a folder name; set 'name'")
+            raise _err(f"nodes[{i}]: cannot use {name!r} as a folder name; set 'name'",
+                       index=i)
         if name in seen:
-            raise _err(f"nodes[{i}]: two nodes would use the folder {name!r}; set 'name'")
+            raise _err(f"nodes[{i}]: two nodes would use the folder {name!r}; set 'name'",
+                       index=i)
         seen.add(name)
         enabled = item.get("enabled", True)
         if not isinstance(enabled, bool):
-            raise _err(f"nodes[{i}]: 'enabled' must be true or false")
+            raise _err(f"nodes[{i}]: 'enabled' must be true or false", index=i)
         ref = item.get("ref")
         nodes.append({"repo": repo, "name": name, "ref": None if ref is None else str(ref),
                       "enabled": enabled})

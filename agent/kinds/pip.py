@@ -17,12 +17,13 @@ FIELDS = {
 
 
 def validate(values: dict[str, Any], expand: Callable[[str], str]) -> dict[str, Any]:
-    for spec in values["packages"]:
+    for index, spec in enumerate(values["packages"]):
         try:
             parse_spec(spec)
         except ValueError as exc:
             err = ValueError(f"packages: {exc}; quote the spec in YAML, e.g. \"transformers>=4.28.1\"")
             err.key = "packages"  # type: ignore[attr-defined]
+            err.index = index  # type: ignore[attr-defined]
             raise err from None
     if not values["packages"] and not values["requirements"]:
         err = ValueError("a pip component needs 'requirements' and/or 'packages'")
