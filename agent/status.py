@@ -45,7 +45,9 @@ def read_json(path: Path) -> dict[str, Any] | None:
         return None
 
 
-def processes(config: Config) -> list[dict[str, Any]]:
+def processes(config: Config, installing: list[str] | None = None) -> list[dict[str, Any]]:
+    """The agent, ComfyUI and installers in progress (`installing`: the components whose lock
+    is held, when the caller already knows; else every lock is checked)."""
     out: list[dict[str, Any]] = []
     agent = read_json(config.runtime_dir / "agent.json")
     if agent:
@@ -60,7 +62,7 @@ def processes(config: Config) -> list[dict[str, Any]]:
             svc = read_json(config.runtime_dir / "service.json") or {}
             out.append({"role": "comfyui", **info, **{k: v for k, v in svc.items()
                                                       if k not in ("pid", "uptime")}})
-    for name in config.components:
+    for name in config.components if installing is None else installing:
         holder = held_by_other(lock_path(config, name))
         if holder:
             info = _process(holder.get("pid")) or {"pid": holder.get("pid"), "uptime": None}
@@ -144,7 +146,8 @@ def collect(config: Config, gpu: bool | None = None) -> dict[str, Any]:
             "background": comp.background,
             "legacy_marker": obs.legacy,
         }
-    procs_ = processes(config)
+    procs_ = processes(config, [n for n, c in comps.items()
+                                if c["state"] == State.INSTALLING.value])
     agent, comfyui = service(config, procs_)
     return {
         "workspace": str(config.workspace),
