@@ -39,7 +39,7 @@ from agent import markers
 from agent.checks import REGISTRY
 from agent.checks.base import STATUSES, CheckCtx, Hooks, Result
 from agent.log import HEALTH_KEY, scrub
-from agent.markers import atomic_write
+from agent.markers import atomic_write, read_json
 from agent.model import AgentError, Config
 
 VERDICTS = ("healthy", "degraded", "failing")
@@ -99,11 +99,8 @@ def verdict(statuses: Iterable[str], quarantined: bool = False) -> str:
 
 
 def load_state(config: Config) -> dict | None:
-    try:
-        data = json.loads(state_path(config).read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) and isinstance(data.get("checks"), dict) else None
+    data = read_json(state_path(config))
+    return data if data is not None and isinstance(data.get("checks"), dict) else None
 
 
 # ---------------------------------------------------------------------- rate limit
@@ -116,12 +113,7 @@ class Limiter:
         self._lock = threading.Lock()
 
     def _load(self) -> dict[str, Any]:
-        try:
-            data = json.loads(self.path.read_text())
-        except (OSError, ValueError):
-            data = {}
-        if not isinstance(data, dict):
-            data = {}
+        data = read_json(self.path) or {}
         data.setdefault("events", {})
         data.setdefault("quarantine", {})
         return data

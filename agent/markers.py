@@ -7,6 +7,7 @@ marker.
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 import time
@@ -95,6 +96,15 @@ def atomic_write(path: Path, text: str) -> None:
             os.close(dfd)
     except OSError:  # pragma: no cover - some network filesystems refuse a directory fsync
         pass
+
+
+def read_json(path: Path) -> dict | None:
+    """A small JSON state file as a dict; None when it is absent, unreadable or not a mapping."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def write(markers_dir: Path, name: str, meta: Mapping[str, str], stamp: str | None = None) -> Marker:

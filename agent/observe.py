@@ -40,10 +40,7 @@ def failure_path(config: Config, name: str) -> Path:
 
 
 def read_failure(config: Config, name: str) -> dict | None:
-    try:
-        return json.loads(failure_path(config, name).read_text())
-    except (OSError, ValueError):
-        return None
+    return markers.read_json(failure_path(config, name))
 
 
 def observe_one(comp: Component, ctx: Ctx, check_locks: bool = False) -> Observed:

@@ -5,14 +5,13 @@ Returns plain data (the `--json` contract); rendering lives in the CLI.
 
 from __future__ import annotations
 
-import json
 import time
-from pathlib import Path
 from typing import Any
 
 from agent import procs
 from agent.kinds.base import Ctx
 from agent.locks import held_by_other
+from agent.markers import read_json
 from agent.model import Config, State
 from agent.observe import lock_path, observe
 from agent.redact import redact
@@ -34,14 +33,6 @@ def _process(pid: int | None, create_time: float | None = None) -> dict[str, Any
         return {"pid": proc.pid, "uptime": round(time.time() - proc.create_time(), 1),
                 "cmdline": redact(" ".join(proc.cmdline()))[:300]}
     except (psutil.Error, ValueError):
-        return None
-
-
-def read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads(path.read_text())
-        return data if isinstance(data, dict) else None
-    except (OSError, ValueError):
         return None
 
 

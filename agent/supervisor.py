@@ -35,6 +35,7 @@ from typing import Any, Callable, Mapping
 import psutil
 from loguru import logger
 
+from agent.markers import atomic_write, read_json
 from agent.model import ComfyUISettings
 from agent.redact import redact
 
@@ -380,11 +381,8 @@ class Supervisor:
             return True
 
     def _find_running(self) -> tuple[psutil.Process | None, str]:
-        try:
-            saved = json.loads(self.state_file.read_text())
-        except (OSError, ValueError):
-            saved = None
-        if isinstance(saved, dict) and isinstance(saved.get("pid"), int):
+        saved = read_json(self.state_file)
+        if saved is not None and isinstance(saved.get("pid"), int):
             try:
                 proc = psutil.Process(saved["pid"])
                 if proc.status() != psutil.STATUS_ZOMBIE and \
@@ -691,13 +689,7 @@ class Supervisor:
         data = {"pid": pid, "create_time": create_time, "cmdline": cmdline,
                 "port": self.settings.port, "cwd": str(self.settings.dir), "started": started}
         try:
-            self.state_dir.mkdir(parents=True, exist_ok=True)
-            tmp = self.state_file.with_name(f".{STATE_FILE}.{os.getpid()}.tmp")
-            with open(tmp, "w", encoding="utf-8") as f:
-                json.dump(data, f, indent=2)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.state_file)
+            atomic_write(self.state_file, json.dumps(data, indent=2))
         except OSError as exc:
             logger.warning("Cannot write {}: {}", self.state_file, exc)
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from agent.kinds import gitops
 from agent.kinds.base import Ctx, InstallError
 from agent.locks import Lock
-from agent.markers import atomic_write
+from agent.markers import atomic_write, read_json
 from agent.model import Component, Config
 
 SKIP = {"__pycache__", ".disabled", "node_modules"}
@@ -52,11 +52,7 @@ def _state_path(config: Config) -> Path:
 
 
 def _load(config: Config) -> dict:
-    try:
-        data = json.loads(_state_path(config).read_text())
-        return data if isinstance(data, dict) else {}
-    except (OSError, ValueError):
-        return {}
+    return read_json(_state_path(config)) or {}
 
 
 def pseudo_component(config: Config) -> Component:

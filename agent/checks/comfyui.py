@@ -17,17 +17,10 @@ from typing import Any
 import psutil
 
 from agent.checks.base import CheckCtx, Result
+from agent.markers import read_json
 from agent.model import Config
 
 _opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-
-
-def _read_json(path) -> dict | None:
-    try:
-        data = json.loads(path.read_text())
-        return data if isinstance(data, dict) else None
-    except (OSError, ValueError):
-        return None
 
 
 def _alive(pid: Any, create_time: Any = None) -> psutil.Process | None:
@@ -44,7 +37,7 @@ def _alive(pid: Any, create_time: Any = None) -> psutil.Process | None:
 
 def agent_running(config: Config) -> dict | None:
     """The running agent's agent.json, or None when no agent runs for this workspace here."""
-    data = _read_json(config.runtime_dir / "agent.json")
+    data = read_json(config.runtime_dir / "agent.json")
     if data and _alive(data.get("pid"), data.get("create_time")):
         return data
     return None
@@ -59,7 +52,7 @@ def service(ctx: CheckCtx) -> tuple[dict | None, bool, bool]:
     agent = agent_running(ctx.config)
     if agent is None:
         return None, True, False
-    snap = _read_json(ctx.config.runtime_dir / "service.json")
+    snap = read_json(ctx.config.runtime_dir / "service.json")
     return snap, bool(agent.get("start_comfyui", True)), True
 
 
@@ -160,7 +153,7 @@ def process(ctx: CheckCtx) -> Result:
         return early
     pid, create_time = (snap or {}).get("pid"), None
     if not supervised or not pid:
-        saved = _read_json(ctx.config.runtime_dir / "comfyui.json") or {}
+        saved = read_json(ctx.config.runtime_dir / "comfyui.json") or {}
         pid, create_time = pid or saved.get("pid"), saved.get("create_time")
     if not pid:
         return Result("fail", "ComfyUI is not running"

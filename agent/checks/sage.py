@@ -29,7 +29,7 @@ from typing import Any
 
 from agent import markers, procs
 from agent.checks.base import CheckCtx, Result
-from agent.markers import atomic_write
+from agent.markers import atomic_write, read_json
 from agent.model import Config
 from agent.probes import SAGE_PROBE
 
@@ -197,12 +197,9 @@ def _cache_path(config: Config):
 
 
 def _load_cache(config: Config) -> dict[str, Any]:
-    try:
-        data = json.loads(_cache_path(config).read_text())
-        return data if isinstance(data, dict) and isinstance(data.get("entries"), dict) \
-            else {"entries": {}}
-    except (OSError, ValueError):
-        return {"entries": {}}
+    data = read_json(_cache_path(config))
+    return data if data is not None and isinstance(data.get("entries"), dict) \
+        else {"entries": {}}
 
 
 def _save_cache(config: Config, fp: str, result: Result) -> None:
