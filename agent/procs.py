@@ -179,6 +179,22 @@ def known_pids() -> set[int]:
         return {p.pid for p in _active}
 
 
+def alive(pid, create_time=None):
+    """The psutil.Process for a recorded pid when it still runs (not a zombie) and, given its
+    recorded start time, is the same process (pids are reused); else None."""
+    import psutil
+
+    try:
+        proc = psutil.Process(int(pid))
+        if create_time is not None and abs(proc.create_time() - float(create_time)) > 1.0:
+            return None
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return None
+        return proc
+    except (psutil.Error, TypeError, ValueError):
+        return None
+
+
 def tail(path: Path, lines: int = 15) -> str:
     try:
         with open(path, "rb") as fh:

@@ -20,19 +20,15 @@ VERDICTS = ("healthy", "installing", "degraded", "broken")
 
 
 def _process(pid: int | None, create_time: float | None = None) -> dict[str, Any] | None:
-    if not pid:
-        return None
     import psutil
 
+    proc = procs.alive(pid, create_time or None) if pid else None
+    if proc is None:
+        return None
     try:
-        proc = psutil.Process(int(pid))
-        if create_time and abs(proc.create_time() - float(create_time)) > 1.0:
-            return None
-        if proc.status() == psutil.STATUS_ZOMBIE:
-            return None
         return {"pid": proc.pid, "uptime": round(time.time() - proc.create_time(), 1),
                 "cmdline": redact(" ".join(proc.cmdline()))[:300]}
-    except (psutil.Error, ValueError):
+    except psutil.Error:
         return None
 
 

@@ -647,18 +647,10 @@ class Supervisor:
 
     # ------------------------------------------------------------------ HTTP
     def _connect_host(self) -> str:
-        host = self.settings.host or "127.0.0.1"
-        if host in ("0.0.0.0", ""):
-            return "127.0.0.1"
-        if host == "::":
-            return "::1"
-        return host
+        return connect_host(self.settings)
 
     def _url(self, path: str) -> str:
-        host = self._connect_host()
-        if ":" in host:
-            host = f"[{host}]"
-        return f"http://{host}:{self.settings.port}{path}"
+        return comfyui_url(self.settings, path)
 
     def _get_json(self, path: str) -> Any:
         with self._opener.open(self._url(path), timeout=self.http_timeout) as resp:
@@ -720,6 +712,23 @@ class Supervisor:
 
 
 # ---------------------------------------------------------------------- helpers
+def connect_host(settings: ComfyUISettings) -> str:
+    """Where to reach ComfyUI: a wildcard listen address is reached on loopback."""
+    host = settings.host or "127.0.0.1"
+    if host in ("0.0.0.0", ""):
+        return "127.0.0.1"
+    if host == "::":
+        return "::1"
+    return host
+
+
+def comfyui_url(settings: ComfyUISettings, path: str) -> str:
+    host = connect_host(settings)
+    if ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{settings.port}{path}"
+
+
 def _real(path: str | Path) -> str:
     try:
         return os.path.realpath(path)

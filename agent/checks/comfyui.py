@@ -18,27 +18,17 @@ import psutil
 
 from agent.checks.base import CheckCtx, Result
 from agent.markers import read_json
+from agent.procs import alive
+from agent.supervisor import comfyui_url
 from agent.model import Config
 
 _opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
-def _alive(pid: Any, create_time: Any = None) -> psutil.Process | None:
-    try:
-        proc = psutil.Process(int(pid))
-        if create_time is not None and abs(proc.create_time() - float(create_time)) > 1.0:
-            return None
-        if proc.status() == psutil.STATUS_ZOMBIE:
-            return None
-        return proc
-    except (psutil.Error, TypeError, ValueError):
-        return None
-
-
 def agent_running(config: Config) -> dict | None:
     """The running agent's agent.json, or None when no agent runs for this workspace here."""
     data = read_json(config.runtime_dir / "agent.json")
-    if data and _alive(data.get("pid"), data.get("create_time")):
+    if data and alive(data.get("pid"), data.get("create_time")):
         return data
     return None
 
@@ -54,15 +44,6 @@ def service(ctx: CheckCtx) -> tuple[dict | None, bool, bool]:
         return None, True, False
     snap = read_json(ctx.config.runtime_dir / "service.json")
     return snap, bool(agent.get("start_comfyui", True)), True
-
-
-def _host(config: Config) -> str:
-    host = config.comfyui.host or "127.0.0.1"
-    if host in ("0.0.0.0", ""):
-        return "127.0.0.1"
-    if host == "::":
-        return "[::1]"
-    return f"[{host}]" if ":" in host else host
 
 
 def _not_running(snap: dict | None, expected: bool, supervised: bool, what: str
@@ -91,7 +72,7 @@ def http(ctx: CheckCtx) -> Result:
     early = _not_running(snap, expected, supervised, "http")
     if early is not None:
         return early
-    url = f"http://{_host(ctx.config)}:{ctx.config.comfyui.port}/system_stats"
+    url = comfyui_url(ctx.config.comfyui, "/system_stats")
     start = time.monotonic()
     try:
         with _opener.open(url, timeout=ctx.remaining(0.2)) as resp:
