@@ -329,7 +329,7 @@ def reset(
 
 # ----------------------------------------------------------------------------- health
 def render_health(data: dict[str, Any]) -> str:
-    from agent.health import _parse_iso
+    from agent.health import parse_time
 
     now = time.time()
     head = f"health: {data['verdict'].upper()}"
@@ -338,7 +338,7 @@ def render_health(data: dict[str, Any]) -> str:
                 f"{data.get('host', '?')})"
     rows = [("CHECK", "STATUS", "WHEN", "TOOK", "ACTION", "DETAIL")]
     for name, e in data["checks"].items():
-        when = _age(now - _parse_iso(e.get("time"))) + " ago" if e.get("time") else "-"
+        when = _age(now - parse_time(e.get("time"))) + " ago" if e.get("time") else "-"
         rows.append((name, e.get("status", "?").upper(), when, f"{e.get('duration', 0):.2f}s",
                      e.get("action") or "none", e.get("detail") or ""))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]

@@ -67,7 +67,8 @@ def iso(ts: float | None = None) -> str:
         timespec="milliseconds")
 
 
-def _parse_iso(text: Any) -> float:
+def parse_time(text: Any) -> float:
+    """A report's ISO time as a Unix timestamp; 0.0 when unreadable."""
     try:
         return datetime.fromisoformat(str(text)).timestamp()
     except ValueError:
@@ -425,8 +426,8 @@ class Monitor:
             merged = {n: e for n, e in old["checks"].items()
                       if n in enabled and isinstance(e, dict)}
             for n, e in mine.items():
-                if n not in merged or _parse_iso(e.get("time")) >= \
-                        _parse_iso(merged[n].get("time")):
+                if n not in merged or parse_time(e.get("time")) >= \
+                        parse_time(merged[n].get("time")):
                     merged[n] = dict(e, source=self.source)
             keep = enabled | set(mine)  # a disabled check run by hand (--check) is kept too
             merged = {n: merged[n] for n in REGISTRY if n in merged and n in keep}

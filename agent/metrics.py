@@ -11,6 +11,7 @@ from typing import Any, Callable, Mapping
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
 
+from agent.health import parse_time
 from agent.model import State
 
 COMFYUI_STATES = ("stopped", "starting", "running", "backoff", "stopping", "degraded")
@@ -31,15 +32,6 @@ class Sources:
     verdict: Callable[[], str | None]
     job_events: Callable[[], Mapping[str, int]]
     observer_restarts: Callable[[], int]
-
-
-def _timestamp(text: Any) -> float:
-    from datetime import datetime
-
-    try:
-        return datetime.fromisoformat(str(text)).timestamp()
-    except ValueError:
-        return 0.0
 
 
 class _State:
@@ -98,7 +90,7 @@ class _State:
             for s in CHECK_STATUSES:
                 st.add_metric([name, s], 1.0 if rec.get("status") == s else 0.0)
             dur.add_metric([name], float(rec.get("duration") or 0.0))
-            last.add_metric([name], _timestamp(rec.get("time")))
+            last.add_metric([name], parse_time(rec.get("time")))
             fails.add_metric([name], float(rec.get("failures") or 0))
         yield st
         yield dur
