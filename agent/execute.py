@@ -145,7 +145,7 @@ class Executor:
             # Check again inside the lock: another process may have finished the work.
             self.ctx.invalidate()
             now = observe_one(comp, self.ctx)
-            forced = step.reason == "forced"
+            forced = step.forced
             if now.state == State.INSTALLED and now.legacy and not forced:
                 return self._report(step, self._upgrade(step.name, now))
             if now.state == State.INSTALLED and (waited or not forced):

@@ -134,6 +134,7 @@ class Step:
     action: Action
     reason: str = ""
     needs: tuple[str, ...] = ()  # dependencies that must be installed first
+    forced: bool = False  # reinstall even when installed (`install --force`)
 
 
 @dataclass(frozen=True)

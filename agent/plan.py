@@ -28,7 +28,7 @@ def step_for(comp: Component, obs: Observed, force: bool) -> Step:
         return Step(comp.name, Action.SKIP_NO_GPU, obs.reason, deps)
     if obs.state == State.INSTALLED:
         if force:
-            return Step(comp.name, Action.REINSTALL, "forced", deps)
+            return Step(comp.name, Action.REINSTALL, "forced", deps, forced=True)
         if obs.legacy:
             return Step(comp.name, Action.UPGRADE_MARKER, "legacy marker, probe passed", deps)
         return Step(comp.name, Action.SKIP, "", deps)
