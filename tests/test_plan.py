@@ -54,7 +54,7 @@ SINGLE = [
                               f"{'-force' if f else ''}" for o, f, _, _ in SINGLE])
 def test_one_component(obs, force, action, reason):
     steps = make(["main"], {"main": COMPONENTS["main"]}, {"main": obs}, force=force)
-    assert steps == [Step("main", action, reason, ("core",))]
+    assert steps == [Step("main", action, reason, ("core",), forced=reason == "forced")]
 
 
 def _all(state: State = State.INSTALLED, **overrides: Observed) -> dict[str, Observed]:
