@@ -98,7 +98,8 @@ class Daemon:
             service=self.supervisor.snapshot, comfy_expected=lambda: self._comfy_started,
             request_restart=self.supervisor.request_restart,
             request_reconcile=self.request_reconcile, watcher=self.watcher,
-            job_events=lambda: dict(self.job_events)))
+            job_events=lambda: dict(self.job_events),
+            reconciles=lambda: [r.last for r in (self.fg, self.bg) if r.last]))
         self.api = AgentApi(self)
         self.health.listeners += [self.api.metrics.on_check, self._on_health]
         self._schedule_health()

@@ -13,12 +13,21 @@ from agent import markers, procs
 from agent.kinds import KINDS
 from agent.kinds.base import Ctx, InstallError
 from agent.locks import Lock
+from agent.fserr import explain
 from agent.markers import atomic_write
-from agent.model import Action, Config, Observed, Outcome, State, Step
+from agent.model import Action, AgentError, Config, Observed, Outcome, State, Step
 from agent.observe import (OK_STATES, failure_path, fingerprint, lock_path, observe,
                            observe_one, observe_overall)
 from agent.plan import closure, make
 from agent.redact import redact
+
+
+MAX_RETRY_DELAY = 300.0  # seconds: the longest wait between two attempts
+
+
+def backoff(initial: float, attempt: int) -> float:
+    """initial * 2**attempt, capped (no huge powers: retries may be large)."""
+    return min(MAX_RETRY_DELAY, initial * (2 ** min(attempt, 20)))
 
 
 class Reporter(Protocol):
@@ -72,8 +81,6 @@ class Executor:
         named = list(names) if names is not None else None
         for n in named or []:
             if n not in comps:
-                from agent.model import AgentError
-
                 raise AgentError(f"unknown component '{n}' (known: {', '.join(comps)})")
         targets = closure(comps, named) if named is not None else None
         observed = observe(self.ctx)
@@ -96,14 +103,24 @@ class Executor:
             status[step.name] = outcome.status
             report.outcomes.append(outcome)
         if not self.stop.is_set() and phase != "background" and named is None:
-            report.outcomes.extend(self._user_nodes())
+            report.outcomes.extend(self._guarded("user_nodes", self._user_nodes))
         if not self.stop.is_set():
-            overall = self._overall(targets, quiet=phase == "foreground")
-            report.outcomes.extend(overall)
+            report.outcomes.extend(self._guarded(
+                "overall", lambda: self._overall(targets, quiet=phase == "foreground")))
         failed = [o.name for o in report.outcomes if o.status in ("failed", "blocked")]
         self.progress("install finished: " + ("ok" if not failed else
                                               "not installed: " + ", ".join(failed)))
         return report
+
+    def _guarded(self, what: str, fn: Callable[[], list[Outcome]]) -> list[Outcome]:
+        """A pass-wide step (user nodes, the overall marker) that fails is reported as such,
+        after every component had its turn."""
+        try:
+            return fn()
+        except Exception as exc:  # noqa: BLE001 - as in _step
+            reason = explain(exc)
+            self.progress(f"{what}: failed: {reason}")
+            return [Outcome(what, "failed", redact(reason))]
 
     # ------------------------------------------------------------------ one step
     def _blocked_by(self, step: Step, status: dict[str, str]) -> str | None:
@@ -119,6 +136,43 @@ class Executor:
         return None
 
     def _step(self, step: Step, obs: Observed, status: dict[str, str]) -> Outcome:
+        """One component. Whatever goes wrong in it (a filesystem error, a bug in a probe) is
+        this component's failure with a one-line reason, never the end of the run: the
+        components that do not depend on it are still converged."""
+        try:
+            return self._step_inner(step, obs, status)
+        except Exception as exc:  # noqa: BLE001 - one component's failure stays its own
+            comp = self.config.components[step.name]
+            reason = explain(exc)
+            if not isinstance(exc, (OSError, AgentError)):  # a bug: keep the traceback
+                self._log_traceback(comp, exc)
+            self._record_failure(comp, reason)
+            return self._report(step, Outcome(step.name, "failed", redact(reason),
+                                              log=str(comp.log)))
+
+    def _log_traceback(self, comp, exc: BaseException) -> None:
+        import traceback
+
+        try:
+            comp.log.parent.mkdir(parents=True, exist_ok=True)
+            with open(comp.log, "a", encoding="utf-8") as fh:
+                fh.write(f"\n=== {markers.now_stamp()} internal error (please report it)\n")
+                fh.write(redact("".join(traceback.format_exception(exc))))
+        except OSError:
+            pass
+
+    def _record_failure(self, comp, reason: str) -> None:
+        """The failure record `status` shows; best effort: on a full or read-only disk the
+        outcome (and the missing marker) still tell the truth."""
+        if self.stop.is_set():  # an install cut short by shutdown is not a failure
+            return
+        record = {"time": markers.now_stamp(), "reason": redact(reason), "log": str(comp.log)}
+        try:
+            atomic_write(failure_path(self.config, comp.name), json.dumps(record))
+        except OSError as exc:
+            self.progress(f"{comp.name}: cannot record the failure: {explain(exc)}")
+
+    def _step_inner(self, step: Step, obs: Observed, status: dict[str, str]) -> Outcome:
         comp = self.config.components[step.name]
         if step.action == Action.DISABLED:
             return self._report(step, Outcome(step.name, "disabled", "disabled in config"),
@@ -208,23 +262,26 @@ class Executor:
             except InstallError as exc:
                 error = str(exc)
                 if attempt < comp.retries and not self.stop.is_set():
-                    delay = comp.retry_backoff * (2 ** attempt)
+                    delay = backoff(comp.retry_backoff, attempt)
                     self.progress(f"{comp.name}: attempt {attempt + 1} failed ({error}); "
                                   f"retrying in {delay:g}s")
                     self.stop.wait(delay) if delay else None
                 continue
+            except (OSError, AgentError) as exc:  # a full disk, a read-only folder: no retry
+                error = explain(exc)
+                break
             duration = time.monotonic() - start
             self._write_marker(comp.name, dict(meta), duration)
-            failure_path(self.config, comp.name).unlink(missing_ok=True)
+            try:
+                failure_path(self.config, comp.name).unlink(missing_ok=True)
+            except OSError:
+                pass
             version = meta.get("version", "-")
             return Outcome(comp.name, "installed", f"installed in {duration:.1f}s ({version})",
                            log=str(comp.log), duration=duration)
         duration = time.monotonic() - start
         tail = procs.tail(comp.log, 15)
-        if not self.stop.is_set():  # an install cut short by shutdown is not a failure
-            record = {"time": markers.now_stamp(), "reason": redact(error),
-                      "log": str(comp.log)}
-            atomic_write(failure_path(self.config, comp.name), json.dumps(record))
+        self._record_failure(comp, error)
         return Outcome(comp.name, "failed", redact(error), log=str(comp.log), tail=tail,
                        duration=duration)
 

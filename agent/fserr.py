@@ -45,3 +45,14 @@ def describe(exc: OSError, what: str = "") -> str:
 
 def wrap(exc: OSError, what: str = "") -> FsError:
     return FsError(describe(exc, what))
+
+
+def explain(exc: BaseException) -> str:
+    """Any exception as one line: OSError through describe(), others as 'Type: message'."""
+    if isinstance(exc, OSError):
+        return describe(exc)
+    text = str(exc) or type(exc).__name__
+    if not isinstance(exc, AgentError) and type(exc).__name__ not in ("InstallError",):
+        text = f"{type(exc).__name__}: {text}"
+    text = " ".join(text.split())
+    return text if len(text) <= 300 else text[:297] + "..."

@@ -9,6 +9,7 @@ from typing import Any, Iterable, Mapping
 
 from agent import markers
 from agent.kinds import KINDS
+from agent.fserr import explain
 from agent.kinds.base import Ctx
 from agent.locks import held_by_other
 from agent.model import Component, Config, Observed, State
@@ -44,6 +45,16 @@ def read_failure(config: Config, name: str) -> dict | None:
 
 
 def observe_one(comp: Component, ctx: Ctx, check_locks: bool = False) -> Observed:
+    """The component's observed state. Never raises: whatever goes wrong while looking (an
+    unreadable marker, a probe that crashes) is this component's BROKEN state with the reason,
+    never the end of a whole observe pass."""
+    try:
+        return _observe_one(comp, ctx, check_locks)
+    except Exception as exc:  # noqa: BLE001 - one component's problem stays its own
+        return Observed(State.BROKEN, f"cannot check it: {explain(exc)}")
+
+
+def _observe_one(comp: Component, ctx: Ctx, check_locks: bool) -> Observed:
     config = ctx.config
     if not comp.enabled:
         return Observed(State.DISABLED, "disabled in config")
@@ -79,7 +90,10 @@ def observe_one(comp: Component, ctx: Ctx, check_locks: bool = False) -> Observe
 def observe_overall(comp: Component, ctx: Ctx, others: Mapping[str, Observed]) -> Observed:
     if not comp.enabled:
         return Observed(State.DISABLED, "disabled in config")
-    marker = markers.read(ctx.config.markers_dir, comp.name)
+    try:
+        marker = markers.read(ctx.config.markers_dir, comp.name)
+    except Exception as exc:  # noqa: BLE001 - as in observe_one
+        return Observed(State.BROKEN, f"cannot check it: {explain(exc)}")
     missing = [n for n, o in others.items() if o.state not in OK_STATES]
     if missing:
         if marker:

@@ -45,6 +45,10 @@ class Reconciler:
         self.busy = False
         self.runs = 0
         self.last: dict | None = None
+        # passes in a row that did not converge (a component failed, or the pass crashed):
+        # the `agent` health check reports a reconcile that keeps failing
+        self.failures = 0
+        self.failing_since: str | None = None
         self.executor: Executor | None = None
 
     def start(self) -> None:
@@ -106,9 +110,16 @@ class Reconciler:
                 logger.exception(f"reconcile ({self.phase}) crashed: {exc}")
                 report, result = Report(), f"error: {exc}"
             self.runs += 1
-            self.last = {"time": time.strftime("%Y-%m-%d %H:%M:%S"), "phase": self.phase,
+            stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+            if result == "ok" or self._stop.is_set():
+                self.failures, self.failing_since = 0, None
+            else:
+                self.failures += 1
+                self.failing_since = self.failing_since or stamp
+            self.last = {"time": stamp, "phase": self.phase,
                          "result": result, "duration": round(time.monotonic() - start, 2),
-                         "changed": report.changed}
+                         "changed": report.changed, "failures_in_a_row": self.failures,
+                         "failing_since": self.failing_since}
             for o in report.outcomes:
                 if o.status in ("installed", "failed", "blocked"):
                     logger.info(f"{o.name}: {o.status}: {o.message}")

@@ -35,6 +35,7 @@ class Hooks:
     watcher: Any = None  # agent.watch.Watcher
     job_events: Callable[[], Mapping[str, int]] | None = None  # scheduler errors/misses/skips
     gpu: Callable[[], bool] | None = None
+    reconciles: Callable[[], list[dict]] | None = None  # each worker's latest pass (its `last`)
 
     @property
     def in_agent(self) -> bool:

@@ -1,11 +1,15 @@
 """`agent`: the agent's own machinery. The watchdog observer thread is alive (a dead one is
-restarted here), and the scheduler's job errors, missed runs and max-instance skips (overruns)
-since the last run. Without a running agent it says so: nothing supervises or heals the pod."""
+restarted here), the scheduler's job errors, missed runs and max-instance skips (overruns)
+since the last run, and a reconcile that keeps failing (a component that fails pass after pass
+warns; a pass that crashes fails the check). Without a running agent it says so: nothing
+supervises or heals the pod."""
 
 from __future__ import annotations
 
 from agent.checks.base import CheckCtx, Result
 from agent.checks.comfyui import agent_running
+
+RECONCILE_WARN_AFTER = 3  # passes in a row that did not converge before the check warns
 
 
 def check(ctx: CheckCtx) -> Result:
@@ -43,6 +47,13 @@ def check(ctx: CheckCtx) -> Result:
             status = "warn"
             notes.append("scheduler since the last check: " + ", ".join(
                 f"{v} {k.replace('_', ' ')}" for k, v in sorted(new.items())))
+    for last in (hooks.reconciles() if hooks.reconciles is not None else []):
+        runs = last.get("failures_in_a_row") or 0
+        if runs >= RECONCILE_WARN_AFTER:
+            crashed = str(last.get("result", "")).startswith("error:")
+            status = "fail" if crashed else ("warn" if status == "ok" else status)
+            notes.append(f"the {last.get('phase')} reconcile has not converged {runs} passes in a "
+                         f"row (since {last.get('failing_since')}): {last.get('result')}")
     overruns = ctx.memo.get("overruns")
     if overruns:
         status = "warn"
