@@ -2,21 +2,15 @@
 
 from __future__ import annotations
 
-import configparser
-import json
 import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from agent import procs
+from agent import procs, venv
 from agent.model import Component, Config, State
 from agent.pyenv import PyEnv, PythonUnavailable, inspect
-
-
-_SITES = ("import json, site, sys; "
-          "print(json.dumps([sys.prefix != sys.base_prefix, site.getsitepackages()]))")
 
 
 class InstallError(Exception):
@@ -36,6 +30,7 @@ class Ctx:
         self.config = config
         self._pyenv: PyEnv | None = None
         self._gpu = gpu
+        self._python_ready = False
 
     # -------------------------------------------------------------- interpreter
     @property
@@ -59,51 +54,30 @@ class Ctx:
         return self._gpu
 
     def ensure_python(self, comp: Component) -> None:
-        """Create the volume's virtualenv on demand (with the image's packages visible)."""
-        cui = self.config.comfyui
-        if self.python.exists():
+        """The target interpreter, ready to install into. The volume's virtualenv is created
+        on demand and repaired when a previous creation was cut short (agent/venv.py)."""
+        if self._python_ready:
             return
+        cui = self.config.comfyui
         if cui.venv is None or not str(self.python).startswith(str(cui.venv)):
-            raise InstallError(f"interpreter {self.python} does not exist (comfyui.python)")
+            if not self.python.exists():
+                raise InstallError(f"interpreter {self.python} does not exist (comfyui.python)")
+            self._python_ready = True
+            return
         base = cui.base_python if "/" in cui.base_python else (shutil.which(cui.base_python)
                                                                 or sys.executable)
-        result = procs.run([base, "-m", "venv", "--system-site-packages", str(cui.venv)],
-                           log=comp.log, timeout=600, title="create virtualenv")
-        if not result.ok or not self.python.exists():
-            raise InstallError(f"could not create the virtualenv {cui.venv} with {base}")
-        self._inherit_from_venv(base)
-        self.invalidate()
-
-    def _inherit_from_venv(self, base: str) -> None:
-        """--system-site-packages only reaches the *base* interpreter's packages. When the
-        image's Python is itself a venv (/opt/venv, conda), a .pth file makes its packages (its
-        CUDA torch) visible too, after the new venv's own, as system site-packages would be."""
-        code, out = procs.quick([base, "-c", _SITES], 30)
-        mine = procs.quick([str(self.python), "-c", _SITES], 30)
+        need_pip = self.config.installer == "pip" or not (
+            self.config.installer == "uv" and self.uv())
         try:
-            is_venv, sites = json.loads(out.strip().splitlines()[-1])
-            _, own_sites = json.loads(mine[1].strip().splitlines()[-1])
-        except (ValueError, IndexError):
-            return
-        if code != 0 or not is_venv or not own_sites:
-            return
-        extra = [s for s in sites if s not in own_sites]
-        if extra:
-            Path(own_sites[0], "_pod_agent_base_venv.pth").write_text("\n".join(extra) + "\n")
+            venv.ensure(cui.venv, self.python, base, comp.log, need_pip)
+        except venv.VenvError as exc:
+            raise InstallError(str(exc)) from None
+        self._python_ready = True
+        self.invalidate()
 
     # -------------------------------------------------------------- installer
     def _inherits_system_site(self) -> bool:
-        cfg = self.python.parent.parent / "pyvenv.cfg"
-        try:
-            text = "[v]\n" + cfg.read_text()
-        except OSError:
-            return False
-        parser = configparser.ConfigParser()
-        try:
-            parser.read_string(text)
-        except configparser.Error:
-            return False
-        return parser.get("v", "include-system-site-packages", fallback="false").lower() == "true"
+        return venv.inherits_system_site(self.python.parent.parent)
 
     def uv(self) -> str | None:
         found = shutil.which("uv")
