@@ -196,6 +196,13 @@ class Executor:
             return self._report(step, Outcome(step.name, "failed",
                                               f"another installer held the lock for {timeout:g}s"))
         with lock:
+            if lock.previous:
+                dead = lock.previous
+                self.progress(f"{step.name}: the previous installer (pid {dead.get('pid')} on "
+                              f"{dead.get('host')}) died without finishing"
+                              + (f"; ended {len(lock.ended)} process(es) it left running "
+                                 f"(pids {', '.join(map(str, lock.ended))})"
+                                 if lock.ended else ""))
             # Check again inside the lock: another process may have finished the work.
             self.ctx.invalidate()
             now = observe_one(comp, self.ctx)

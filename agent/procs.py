@@ -36,7 +36,12 @@ class Result:
 
 
 def base_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    from agent.locks import OWNER_ENV, current
+
     env = dict(os.environ)
+    held = current()
+    if held is not None:  # the next holder can find us if our holder dies (agent/locks.py)
+        env[OWNER_ENV] = held.token
     env.update(
         GIT_TERMINAL_PROMPT="0",
         GIT_ASKPASS="true",

@@ -97,8 +97,11 @@ def ensure_checkout(comp: Component, ctx: Ctx, repo: str, dest: Path, ref: str |
                 with open(comp.log, "a") as fh:
                     fh.write(f"=== {dest} was not a git checkout; moved aside to {aside}\n")
         dest.parent.mkdir(parents=True, exist_ok=True)
+        # clones cut short by a run that died (we hold the component's lock: none is live)
+        for stale in dest.parent.iterdir():
+            if stale.name.startswith(f".{dest.name}.partial-"):
+                shutil.rmtree(stale, ignore_errors=True)
         tmp = dest.with_name(f".{dest.name}.partial-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
         try:
             args = ["clone", "--no-progress"]
             is_sha = bool(ref and SHA_RE.match(ref))
