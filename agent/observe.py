@@ -65,7 +65,9 @@ def _observe_one(comp: Component, ctx: Ctx, check_locks: bool) -> Observed:
         if holder is not None:
             return Observed(State.INSTALLING, f"installing (pid {holder.get('pid')} on "
                                               f"{holder.get('host', '?')})")
-    marker = markers.read(config.markers_dir, comp.name)
+    marker, unusable = markers.inspect(config.markers_dir, comp.name)
+    if unusable:  # a folder, a symlink, an unreadable file at the marker's path
+        return Observed(State.BROKEN, unusable)
     if marker is None:
         failure = read_failure(config, comp.name)
         if failure:
@@ -91,9 +93,11 @@ def observe_overall(comp: Component, ctx: Ctx, others: Mapping[str, Observed]) -
     if not comp.enabled:
         return Observed(State.DISABLED, "disabled in config")
     try:
-        marker = markers.read(ctx.config.markers_dir, comp.name)
+        marker, unusable = markers.inspect(ctx.config.markers_dir, comp.name)
     except Exception as exc:  # noqa: BLE001 - as in observe_one
         return Observed(State.BROKEN, f"cannot check it: {explain(exc)}")
+    if unusable:
+        return Observed(State.BROKEN, unusable)
     missing = [n for n, o in others.items() if o.state not in OK_STATES]
     if missing:
         if marker:
