@@ -1,13 +1,24 @@
 """Load and validate configuration into a frozen desired state.
 
 Errors are ConfigError with `file:line: component 'x': problem` so the CLI can print one line.
+
+Hostile input is bounded before it can hurt: a config file is read only when it is a regular
+file of at most MAX_CONFIG_BYTES, must be UTF-8 text without control characters, nests at most
+MAX_DEPTH levels (aliases included) and expands (aliases counted each time they are used) to at
+most MAX_EXPANDED values and characters. Every number has a finite range (LIMITS), names are
+plain identifiers of at most MAX_NAME characters, paths fit the kernel's limits. Nothing here
+recurses over user data, so no input can raise RecursionError.
 """
 
 from __future__ import annotations
 
+import codecs
+import math
 import os
 import re
+import reprlib
 import shutil
+import stat
 import sys
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -18,8 +29,54 @@ from agent.model import ComfyUISettings, Component, Config, ConfigError
 
 DEFAULT_WORKSPACE = "/workspace"
 OVERLAY_NAME = "pod-agent.yaml"
-NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")  # use fullmatch: `$` would accept "name\n"
 PLACEHOLDER_RE = re.compile(r"(?<!\$)\{(workspace|comfyui|venv|python|markers)\}")
+
+MAX_CONFIG_BYTES = 1 << 20  # a config file larger than 1 MiB is refused, never read whole
+MAX_DEPTH = 32  # nesting levels, counted through aliases
+MAX_EXPANDED = 4_000_000  # values + string characters once every alias is expanded
+MAX_MAPPING_KEYS = 10_000  # keys in one mapping after `<<` merges
+MAX_NAME = 64  # a component name
+PATH_MAX, NAME_MAX = 4095, 255  # bytes in a path, in one path component
+# PyYAML's own set of characters it refuses (its error has no line): we name the line instead.
+_NON_PRINTABLE = re.compile("[^\x09\x0A\x0D\x20-\x7E\x85\xA0-\uD7FF\uE000-\uFFFD"
+                            "\U00010000-\U0010FFFF]")
+_BAD_TEXT = re.compile("[\x00\ud800-\udfff]")  # NUL (from "\0") or a lone surrogate ("\ud800")
+_PATH_BAD = re.compile("[\x00-\x1f\x7f]")
+
+
+class _Short(reprlib.Repr):
+    """repr() cut short, cheap on huge values: what error messages show of a bad value."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.maxlevel, self.maxstring, self.maxother, self.maxlong = 3, 50, 50, 40
+        self.maxlist = self.maxtuple = self.maxset = self.maxfrozenset = self.maxdict = 5
+
+    def repr__Map(self, x: dict, level: int) -> str:  # noqa: N802 - reprlib's naming
+        return self.repr_dict(x, level)
+
+    def repr__Seq(self, x: list, level: int) -> str:  # noqa: N802
+        return self.repr_list(x, level)
+
+
+_short = _Short()
+
+
+def _show(value: Any, limit: int = 60) -> str:
+    """A bad value as error messages show it: repr, one line, at most `limit` characters."""
+    try:
+        text = _short.repr(value)
+    except Exception:  # noqa: BLE001 - a value that cannot even be shown
+        text = f"<{type(value).__name__}>"
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _names(names: Any, limit: int = 20) -> str:
+    """A list of known names for an error message, cut short."""
+    names = list(names)
+    text = ", ".join(str(n) for n in names[:limit])
+    return text + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
 
 
 # --------------------------------------------------------------------------- YAML with lines
@@ -30,8 +87,62 @@ class _Map(dict):
     src: dict
 
 
+def _tag(tag: str) -> str:
+    return "!!" + tag[len("tag:yaml.org,2002:"):] if tag.startswith("tag:yaml.org,2002:") else tag
+
+
 class _Loader(yaml.SafeLoader):
-    pass
+    """SafeLoader with bounds: nesting depth, keys per mapping (merges included), and a
+    constructor that fails on a bad value (`!!int 12abc`, `!!timestamp x`) is a config error
+    at the value's line, not a Python exception."""
+
+    def __init__(self, stream: str, name: str):
+        super().__init__(stream)
+        self.name = name
+        self._depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        self._depth += 1
+        try:
+            if self._depth > MAX_DEPTH:
+                mark = self.peek_event().start_mark
+                raise ConfigError(f"{self.name}:{mark.line + 1}: the YAML is nested deeper "
+                                  f"than {MAX_DEPTH} levels")
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def flatten_mapping(self, node: yaml.MappingNode) -> None:
+        total = len(node.value)
+        for key_node, value_node in node.value:
+            if key_node.tag != "tag:yaml.org,2002:merge":
+                continue
+            subs = [value_node] if isinstance(value_node, yaml.MappingNode) else \
+                value_node.value if isinstance(value_node, yaml.SequenceNode) else []
+            for sub in subs:
+                if isinstance(sub, yaml.MappingNode):
+                    self.flatten_mapping(sub)
+                    total += len(sub.value)
+            if total > MAX_MAPPING_KEYS:
+                break
+        if total > MAX_MAPPING_KEYS:
+            raise ConfigError(f"{self.name}:{node.start_mark.line + 1}: a mapping with more "
+                              f"than {MAX_MAPPING_KEYS} keys (`<<` merges included)")
+        super().flatten_mapping(node)
+
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        try:
+            return super().construct_object(node, deep)
+        except (yaml.YAMLError, ConfigError):
+            raise
+        except RecursionError:
+            raise ConfigError(f"{self.name}:{node.start_mark.line + 1}: the YAML is nested "
+                              "too deeply") from None
+        except Exception as exc:  # noqa: BLE001 - any constructor failing on this value
+            shown = _show(node.value) if isinstance(node, yaml.ScalarNode) else node.id
+            detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise ConfigError(f"{self.name}:{node.start_mark.line + 1}: invalid value "
+                              f"{shown} for {_tag(node.tag)} ({detail[:100]})") from None
 
 
 def _construct_map(loader: _Loader, node: yaml.MappingNode) -> _Map:
@@ -41,10 +152,14 @@ def _construct_map(loader: _Loader, node: yaml.MappingNode) -> _Map:
     out.src = {}
     for key_node, value_node in node.value:
         key = loader.construct_object(key_node, deep=True)
+        line = key_node.start_mark.line + 1
+        if not isinstance(key, str):
+            raise ConfigError(f"{loader.name}:{line}: a key must be text, got {_show(key)} "
+                              "(quote it, or fix the indentation)")
         if key in out:
-            raise ConfigError(f"{loader.name}:{key_node.start_mark.line + 1}: duplicate key '{key}'")
+            raise ConfigError(f"{loader.name}:{line}: duplicate key {_show(key)}")
         out[key] = loader.construct_object(value_node, deep=True)
-        out.src[key] = (loader.name, key_node.start_mark.line + 1)
+        out.src[key] = (loader.name, line)
     return out
 
 
@@ -71,15 +186,71 @@ def default_config_path() -> Path:
     return Path(__file__).resolve().parent.parent / "config" / "default.yaml"
 
 
-def load_yaml(path: Path) -> _Map:
+def _line_of(data: bytes | str, offset: int) -> int:
+    return data[:offset].count(b"\n" if isinstance(data, bytes) else "\n") + 1
+
+
+def read_text(path: Path, what: str = "config file") -> str:
+    """The text of a config file: a regular file, at most MAX_CONFIG_BYTES, UTF-8, no control
+    characters. Anything else is a one-line ConfigError naming the file (and the line)."""
     try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: config file not found") from None
+        st = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        raise ConfigError(f"{path}: {what} not found") from None
     except OSError as exc:
-        raise ConfigError(f"{path}: cannot read config: {exc.strerror}") from None
-    loader = _Loader(text)
-    loader.name = str(path)
+        raise ConfigError(f"{path}: cannot read {what}: {exc.strerror}") from None
+    except ValueError:  # a NUL byte in the path
+        raise ConfigError(f"{_show(str(path))}: the path of the {what} contains a NUL "
+                          "byte") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise ConfigError(f"{path}: is a directory; the {what} must be a YAML file")
+    if not stat.S_ISREG(st.st_mode):
+        raise ConfigError(f"{path}: is not a regular file (a FIFO, device or socket); the "
+                          f"{what} must be a YAML file")
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise ConfigError(f"{path}: is not a regular file; the {what} must be a YAML "
+                                  "file")
+            chunks, size = [], 0
+            while size <= MAX_CONFIG_BYTES:
+                chunk = os.read(fd, MAX_CONFIG_BYTES + 1 - size)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                size += len(chunk)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read {what}: {exc.strerror}") from None
+    data = b"".join(chunks)
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: the {what} is larger than {MAX_CONFIG_BYTES // 1024} KiB; "
+                          "is it the right file?")
+    if data.startswith((codecs.BOM_UTF32_LE, codecs.BOM_UTF32_BE)):
+        raise ConfigError(f"{path}:1: the {what} is UTF-32 text; save it as UTF-8")
+    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        raise ConfigError(f"{path}:1: the {what} is UTF-16 text; save it as UTF-8")
+    nul = data.find(b"\0")
+    if nul >= 0:
+        raise ConfigError(f"{path}:{_line_of(data, nul)}: the {what} contains "
+                          "NUL bytes: it is not UTF-8 text (UTF-16? binary?)")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}:{_line_of(data, exc.start)}: the {what} is not valid UTF-8 "
+                          f"(byte 0x{data[exc.start]:02x}); save it as UTF-8") from None
+    bad = _NON_PRINTABLE.search(text)
+    if bad:
+        raise ConfigError(f"{path}:{_line_of(text, bad.start())}: the {what} contains the "
+                          f"control character U+{ord(bad.group()):04X}; remove it")
+    return text
+
+
+def load_yaml(path: Path, what: str = "config file") -> _Map:
+    text = read_text(path, what)
+    loader = _Loader(text, str(path))
     try:
         data = loader.get_single_data()
     except yaml.MarkedYAMLError as exc:
@@ -87,7 +258,9 @@ def load_yaml(path: Path) -> _Map:
         line = mark.line + 1 if mark else 0
         raise ConfigError(f"{path}:{line}: invalid YAML: {exc.problem or exc.context}") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: invalid YAML: {exc}") from None
+        raise ConfigError(f"{path}: invalid YAML: {str(exc).splitlines()[0]}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: the YAML is nested too deeply") from None
     finally:
         loader.dispose()
     if data is None:
@@ -95,7 +268,63 @@ def load_yaml(path: Path) -> _Map:
         data.where, data.src = (str(path), 1), {}
     if not isinstance(data, _Map):
         raise ConfigError(f"{path}:1: the top level must be a mapping of keys")
+    _inspect(data)
     return data
+
+
+_CONTAINERS = (dict, list, tuple, set, frozenset)
+
+
+def _children(obj: Any, line: int, key: str) -> list[tuple[Any, int, str]]:
+    if isinstance(obj, dict):
+        src = getattr(obj, "src", {})
+        return [(v, src.get(k, ("", line))[1], k) for k, v in obj.items()]
+    lines = getattr(obj, "lines", None)
+    return [(v, lines[i] if lines and i < len(lines) else line, f"{key}[{i}]")
+            for i, v in enumerate(obj)]
+
+
+def _inspect(data: _Map) -> None:
+    """Walk the loaded data once, without recursion, each shared (aliased) value once: refuse
+    NUL and lone surrogates in any string or key, nesting deeper than MAX_DEPTH and an expanded
+    size over MAX_EXPANDED ("billion laughs": aliases of aliases)."""
+    file = data.where[0]
+    done: dict[int, tuple[int, int]] = {}  # id -> (expanded size, depth)
+    stack: list[tuple[Any, int, str, bool]] = [(data, data.where[1], "(top)", False)]
+    while stack:
+        obj, line, key, finished = stack.pop()
+        if not finished:
+            if id(obj) in done:
+                continue
+            stack.append((obj, line, key, True))
+            for k in obj if isinstance(obj, dict) else ():
+                if _BAD_TEXT.search(k):
+                    what = "a NUL character" if "\0" in k else "a lone surrogate"
+                    raise ConfigError(f"{file}:{obj.src.get(k, ('', line))[1]}: the key "
+                                      f"{_show(k)} contains {what}")
+            for child, cline, ckey in _children(obj, line, key):
+                if isinstance(child, _CONTAINERS):
+                    if id(child) not in done:
+                        stack.append((child, cline, ckey, False))
+                elif isinstance(child, str) and _BAD_TEXT.search(child):
+                    what = "a NUL character" if "\0" in child else "a lone surrogate"
+                    raise ConfigError(f"{file}:{cline}: {_show(ckey)}: the value "
+                                      f"{_show(child)} contains {what}")
+            continue
+        size, depth = 1, 1
+        for child in (obj.values() if isinstance(obj, dict) else obj):
+            if isinstance(child, _CONTAINERS):
+                csize, cdepth = done[id(child)]
+                size, depth = size + csize, max(depth, cdepth + 1)
+            else:
+                size += 1 + (len(child) if isinstance(child, (str, bytes)) else 0)
+        if depth > MAX_DEPTH:
+            raise ConfigError(f"{file}:{line}: {_show(key)}: nested deeper than {MAX_DEPTH} "
+                              "levels (aliases included)")
+        if size > MAX_EXPANDED:
+            raise ConfigError(f"{file}:{line}: {_show(key)}: expands to more than "
+                              f"{MAX_EXPANDED} values and characters (aliases of aliases?)")
+        done[id(obj)] = (size, depth)
 
 
 def _merge(base: _Map, over: _Map, components: bool = False) -> _Map:
@@ -134,9 +363,90 @@ def _fail(m: _Map, key: str | None, who: str, problem: str) -> ConfigError:
     return ConfigError(f"{file}:{line}: {who}: {problem}")
 
 
-def _check(m: _Map, key: str, value: Any, typ: str, who: str, ctx: _Ctx) -> Any:
+# --------------------------------------------------------------------------- limits
+class Range:
+    """The finite range of a number field: lo..hi inclusive; `positive` says the README's
+    "> 0" (lo is then the smallest value that makes sense, e.g. a 0.05 s poll)."""
+
+    def __init__(self, lo: float, hi: float, unit: str = "", positive: bool = False):
+        self.lo, self.hi, self.unit, self.positive = lo, hi, unit, positive
+
+    def text(self, key: str, whole: bool) -> str:
+        if key == "port":
+            return f"'{key}' must be {self.lo}-{self.hi}" + (" (0: any free port)"
+                                                               if self.lo == 0 else "")
+        if whole:
+            return f"'{key}' must be a whole number {self.lo}-{self.hi}{self.unit}"
+        span = f"a number{self.unit} from {self.lo:g} to {self.hi:g}"
+        return f"'{key}' must be > 0 ({span})" if self.positive else f"'{key}' must be {span}"
+
+
+MINUTE, HOUR, DAY, WEEK = 60, 3600, 86400, 7 * 86400
+_S = " of seconds"
+_TIMEOUT = Range(1, WEEK, _S)  # an installer: at least a second, at most a week
+_INTERVAL = Range(0.05, WEEK, _S, positive=True)  # a period or a wait: > 0, no busy loop
+_POLL = Range(0.05, HOUR, _S, positive=True)
+_COUNT = Range(1, 1000)  # "after N failures"
+_LIMIT = Range(0, 1000)  # "at most N per window"
+FALLBACK = Range(0, 10 ** 9)  # any number field not listed below
+
+COMPONENT_LIMITS = {
+    "timeout": _TIMEOUT, "retries": Range(0, 100), "retry_backoff": Range(0, HOUR, _S),
+    "check_timeout": _TIMEOUT, "depth": Range(0, 10 ** 6),
+}
+AGENT_LIMITS = {
+    "reconcile_interval": _INTERVAL, "marker_debounce": Range(0, HOUR, _S),
+    "restart_quiet_period": Range(0, DAY, _S), "restart_max_wait": Range(0, WEEK, _S),
+    "queue_poll_interval": _POLL, "poll": _POLL, "stop_timeout": Range(0.05, HOUR, _S, True),
+    "ready_timeout": Range(0.05, DAY, _S, True), "ready_poll_interval": _POLL,
+    "liveness_interval": _POLL, "liveness_failures": _COUNT,
+    "backoff_initial": Range(0, HOUR, _S), "backoff_max": Range(0, DAY, _S),
+    "backoff_reset_after": Range(0, WEEK, _S), "degraded_after": _COUNT,
+    "degraded_window": _INTERVAL, "degraded_retry": _INTERVAL,
+}
+HEALTH_LIMITS = {
+    "summary_interval": _INTERVAL, "report_retention": Range(0, 10_000),
+    "reinstall_limit": _LIMIT, "restart_limit": _LIMIT, "limit_window": _INTERVAL,
+}
+CHECK_LIMITS = {
+    "interval": _INTERVAL, "timeout": Range(0.05, DAY, _S, positive=True), "failures": _COUNT,
+    "warn_latency": Range(0, HOUR, _S), "max_rss_gb": Range(0.01, 100_000, " of GB", True),
+    "max_open_files": Range(1, 10 ** 9), "cache_ttl": Range(0, 30 * DAY, _S),
+    "tolerance": Range(0, 10), "warn_free_gb": Range(0, 10 ** 6, " of GB"),
+    "fail_free_gb": Range(0, 10 ** 6, " of GB"), "warn_temp": Range(0, 200, " (°C)"),
+}
+SIZE_LIMITS = (1024, 100 * 1024 ** 3)  # health.report_max_size: 1 KiB .. 100 GiB
+_UNITS = {"b": 1, "kb": 1000, "mb": 1000 ** 2, "gb": 1000 ** 3,
+          "kib": 1024, "mib": 1024 ** 2, "gib": 1024 ** 3}
+
+
+def _path_problem(text: str) -> str | None:
+    """Why `text` cannot be a path (control characters, too long for the kernel), or None."""
+    bad = _PATH_BAD.search(text)
+    if bad:
+        return f"a path cannot contain the control character {bad.group()!r}"
+    try:
+        raw = os.fsencode(text)
+    except UnicodeError:
+        return "a path must be valid text"
+    if len(raw) > PATH_MAX:
+        return f"a path is at most {PATH_MAX} bytes long, this one has {len(raw)}"
+    if any(len(part) > NAME_MAX for part in raw.split(b"/")):
+        return f"each part of a path is at most {NAME_MAX} bytes long"
+    return None
+
+
+def _check_path(m: _Map, key: str, value: Any, who: str) -> Any:
+    problem = _path_problem(str(value))
+    if problem:
+        raise _fail(m, key, who, f"'{key}': {problem}, got {_show(str(value))}")
+    return value
+
+
+def _check(m: _Map, key: str, value: Any, typ: str, who: str, ctx: _Ctx,
+           rng: Range | None = None) -> Any:
     def bad(expected: str) -> ConfigError:
-        return _fail(m, key, who, f"'{key}' must be {expected}, got {value!r}")
+        return _fail(m, key, who, f"'{key}' must be {expected}, got {_show(value)}")
 
     if typ == "str":
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
@@ -145,25 +455,26 @@ def _check(m: _Map, key: str, value: Any, typ: str, who: str, ctx: _Ctx) -> Any:
     if typ == "opt_str":
         return None if value is None else _check(m, key, value, "str", who, ctx)
     if typ == "path":
-        return Path(_check(m, key, value, "str", who, ctx)).expanduser()
+        path = _check(m, key, value, "str", who, ctx)
+        return Path(_check_path(m, key, path, who)).expanduser()
     if typ == "opt_path":
         return None if value is None else _check(m, key, value, "path", who, ctx)
     if typ == "bool":
         if not isinstance(value, bool):
             raise bad("true or false")
         return value
-    if typ in ("int", "opt_int"):
-        if value is None and typ == "opt_int":
+    if typ in ("int", "opt_int", "float", "opt_float"):
+        if value is None and typ.startswith("opt_"):
             return None
-        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-            raise bad("a whole number >= 0")
-        return value
-    if typ in ("float", "opt_float"):
-        if value is None and typ == "opt_float":
-            return None
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
-            raise bad("a number >= 0")
-        return float(value)
+        whole = typ.endswith("int")
+        rng = rng or FALLBACK
+        number = (int,) if whole else (int, float)
+        if not isinstance(value, number) or isinstance(value, bool) \
+                or (isinstance(value, float) and not math.isfinite(value)) \
+                or not rng.lo <= value <= rng.hi \
+                or (rng.positive and value <= 0):
+            raise _fail(m, key, who, f"{rng.text(key, whole)}, got {_show(value)}")
+        return value if whole else float(value)
     if typ in ("list[str]", "list[path]"):
         if isinstance(value, str) and typ == "list[path]":
             value = [value]
@@ -172,16 +483,25 @@ def _check(m: _Map, key: str, value: Any, typ: str, who: str, ctx: _Ctx) -> Any:
         ):
             raise bad("a list of strings")
         items = [ctx.expand(str(v)) for v in value]
-        return tuple(Path(v) for v in items) if typ == "list[path]" else tuple(items)
-    if typ == "dict[str,str]":
+        if typ == "list[path]":
+            return tuple(Path(_check_path(m, key, v, who)) for v in items)
+        return tuple(items)
+    if typ == "dict[str,str]":  # every such field is an environment
         if value is None:
             return {}
         if not isinstance(value, dict):
             raise bad("a mapping of names to strings")
+        for k, v in value.items():
+            if not k or "=" in k:
+                raise _fail(m, key, who, f"'{key}': {_show(k)} is not a valid environment "
+                            "variable name (empty, or contains '=')")
+            if not isinstance(v, (str, int, float, bool)):
+                raise _fail(value if isinstance(value, _Map) else m, k, who, f"'{key}': the value of {_show(k)} must be a "
+                            f"string, got {_show(v)}")
         return {str(k): ctx.expand(str(v)) for k, v in value.items()}
     if typ.startswith("enum:"):
         choices = typ[5:].split("|")
-        if str(value) not in choices:
+        if not isinstance(value, (str, int, float)) or str(value) not in choices:
             raise bad("one of " + ", ".join(choices))
         return str(value)
     if typ == "any":
@@ -190,19 +510,22 @@ def _check(m: _Map, key: str, value: Any, typ: str, who: str, ctx: _Ctx) -> Any:
 
 
 def _fields(m: Any, where: _Map, key: str, schema: Mapping[str, tuple[str, Any]], who: str,
-            ctx: _Ctx, extra_check: Callable[[str], bool] | None = None) -> dict[str, Any]:
+            ctx: _Ctx, extra_check: Callable[[str], bool] | None = None,
+            limits: Mapping[str, Range] | None = None) -> dict[str, Any]:
     if m is None:
         m = _Map()
         m.where, m.src = where.src.get(key, where.where), {}
     if not isinstance(m, _Map):
-        raise _fail(where, key, who, f"'{key}' must be a mapping")
+        raise _fail(where, key, who, f"'{key}' must be a mapping, got {_show(m)}")
     out: dict[str, Any] = {}
     for k in m:
         if k not in schema and not (extra_check and extra_check(k)):
-            raise _fail(m, k, who, f"unknown field '{k}' (known: {', '.join(sorted(schema))})")
+            raise _fail(m, k, who, f"unknown field {_show(k)} (known: "
+                        f"{', '.join(sorted(schema))})")
+    limits = limits or {}
     for k, (typ, default) in schema.items():
         if k in m:
-            out[k] = _check(m, k, m[k], typ, who, ctx)
+            out[k] = _check(m, k, m[k], typ, who, ctx, limits.get(k))
         elif isinstance(default, str) and typ in ("str", "path", "opt_path", "opt_str"):
             out[k] = _check(m, k, default, typ, who, ctx)
         else:
@@ -315,7 +638,7 @@ HTTP_FIELDS = {
     "token": ("opt_str", None),  # bearer token for POST endpoints; env POD_AGENT_HTTP_TOKEN wins
 }
 
-SIZE_RE = re.compile(r"^\s*\d+(\.\d+)?\s*(B|KB|MB|GB|KiB|MiB|GiB)\s*$", re.IGNORECASE)
+SIZE_RE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|KiB|MiB|GiB)\s*", re.IGNORECASE)  # fullmatch
 
 
 COMMON_FIELDS = {
@@ -346,6 +669,30 @@ def _resolve_python(name: str) -> str:
     return shutil.which(name) or sys.executable
 
 
+def _workspace_path(raw: Any, m: _Map | None, key: str = "workspace") -> Path:
+    """The workspace as given (--workspace, POD_AGENT_WORKSPACE or the config): a path the
+    kernel can take, made absolute."""
+    if not isinstance(raw, (str, Path)):
+        assert m is not None
+        raise _fail(m, key, "config", f"'{key}' must be a path, got {_show(raw)}")
+    problem = _path_problem(str(raw))
+    if problem:
+        place = f"{m.src.get(key, m.where)[0]}:{m.src.get(key, m.where)[1]}: config: " \
+            if m is not None else ""
+        raise ConfigError(f"{place}workspace {_show(str(raw))}: {problem}")
+    return Path(raw).expanduser().absolute()
+
+
+def _overlay_exists(path: Path) -> bool:
+    try:
+        os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the overlay: {exc.strerror}") from None
+    return True  # a directory or a FIFO there is refused by load_yaml, with its reason
+
+
 def load(config_path: str | Path | None = None, workspace: str | Path | None = None) -> Config:
     """Build the desired state from the base config (built-in or --config) and the overlay."""
     config_path = config_path or os.environ.get("POD_AGENT_CONFIG") or None
@@ -353,17 +700,20 @@ def load(config_path: str | Path | None = None, workspace: str | Path | None = N
     data = load_yaml(base_file)
     sources = [str(base_file)]
 
-    ws_raw = workspace or os.environ.get("POD_AGENT_WORKSPACE") or data.get("workspace") \
-        or DEFAULT_WORKSPACE
-    if not isinstance(ws_raw, (str, Path)):
-        raise _fail(data, "workspace", "config", "'workspace' must be a path")
-    ws = Path(ws_raw).expanduser().absolute()
+    ws_given = workspace or os.environ.get("POD_AGENT_WORKSPACE") or None
+    if ws_given is not None:
+        ws = _workspace_path(ws_given, None)
+    elif data.get("workspace") not in (None, ""):
+        ws = _workspace_path(data["workspace"], data)
+    else:
+        ws = Path(DEFAULT_WORKSPACE)
     overlay = ws / OVERLAY_NAME
-    if overlay.is_file():
-        data = _merge(data, load_yaml(overlay))
+    if _overlay_exists(overlay):
+        over = load_yaml(overlay, "overlay")
+        data = _merge(data, over)
         sources.append(str(overlay))
-        if workspace is None and not os.environ.get("POD_AGENT_WORKSPACE") and "workspace" in data:
-            ws = Path(str(data["workspace"])).expanduser().absolute()
+        if ws_given is None and over.get("workspace") not in (None, ""):
+            ws = _workspace_path(over["workspace"], over)
     forbidden = [p for p in os.environ.get("POD_AGENT_FORBID_WORKSPACE", "").split(":") if p]
     if any(ws == Path(p).absolute() for p in forbidden):
         raise ConfigError(f"workspace {ws} is forbidden by POD_AGENT_FORBID_WORKSPACE")
@@ -373,7 +723,9 @@ def load(config_path: str | Path | None = None, workspace: str | Path | None = N
     cui_map = data.get("comfyui")
     cui = _fields(cui_map, data, "comfyui", {k: v for k, v in COMFYUI_FIELDS.items()
                                              if k not in ("python",)} | {"python": ("any", None)},
-                  "comfyui", ctx)
+                  "comfyui", ctx, limits={"port": Range(1, 65535)})
+    cui_where = cui_map if isinstance(cui_map, _Map) else data
+    _check_path(cui_where, "base_python", cui["base_python"], "comfyui")
     ctx.subst["comfyui"] = str(cui["dir"])
     if cui["venv"] is not None:
         ctx.subst["venv"] = str(cui["venv"])
@@ -383,14 +735,18 @@ def load(config_path: str | Path | None = None, workspace: str | Path | None = N
             py_raw = _resolve_python(cui["base_python"])
         else:
             py_raw = "{venv}/bin/python"
-    cui["python"] = Path(_check(cui_map if isinstance(cui_map, _Map) else data, "python", py_raw,
-                                "str", "comfyui", ctx))
+    cui["python"] = Path(_check_path(cui_where, "python", _check(
+        cui_where, "python", py_raw, "str", "comfyui", ctx), "comfyui"))
     ctx.subst["python"] = str(cui["python"])
-    markers_dir = Path(ctx.expand(str(top["markers_dir"]))).absolute()
-    ctx.subst["markers"] = str(markers_dir)
+    paths = {}
+    for key in ("markers_dir", "state_dir", "progress_log"):
+        paths[key] = Path(_check_path(data, key, ctx.expand(str(top[key])), "config")).absolute()
+    ctx.subst["markers"] = str(paths["markers_dir"])
 
-    agent = _fields(data.get("agent"), data, "agent", AGENT_FIELDS, "agent", ctx)
-    defaults = _fields(data.get("defaults"), data, "defaults", DEFAULTS_FIELDS, "defaults", ctx)
+    agent = _fields(data.get("agent"), data, "agent", AGENT_FIELDS, "agent", ctx,
+                    limits=AGENT_LIMITS)
+    defaults = _fields(data.get("defaults"), data, "defaults", DEFAULTS_FIELDS, "defaults", ctx,
+                       limits=COMPONENT_LIMITS)
     components = _components(data, ctx, ws, defaults)
     health = _health(data, ctx)
     http = _http(data, ctx)
@@ -402,9 +758,9 @@ def load(config_path: str | Path | None = None, workspace: str | Path | None = N
     )
     return Config(
         workspace=ws,
-        markers_dir=markers_dir,
-        state_dir=Path(ctx.expand(str(top["state_dir"]))).absolute(),
-        progress_log=Path(ctx.expand(str(top["progress_log"]))).absolute(),
+        markers_dir=paths["markers_dir"],
+        state_dir=paths["state_dir"],
+        progress_log=paths["progress_log"],
         installer=top["installer"],
         installer_env=top["installer_env"] or {},
         installer_args=top["installer_args"],
@@ -417,19 +773,27 @@ def load(config_path: str | Path | None = None, workspace: str | Path | None = N
     )
 
 
+def _size_bytes(text: str) -> float | None:
+    match = SIZE_RE.fullmatch(text)
+    return float(match.group(1)) * _UNITS[match.group(2).lower()] if match else None
+
+
 def _health(data: _Map, ctx: _Ctx) -> dict[str, Any]:
-    health = _fields(data.get("health"), data, "health", HEALTH_FIELDS, "health", ctx)
+    health = _fields(data.get("health"), data, "health", HEALTH_FIELDS, "health", ctx,
+                     limits=HEALTH_LIMITS)
     where = data.get("health") if isinstance(data.get("health"), _Map) else data
-    if not SIZE_RE.match(health["report_max_size"]):
+    size = _size_bytes(health["report_max_size"])
+    if size is None or not math.isfinite(size) or not SIZE_LIMITS[0] <= size <= SIZE_LIMITS[1]:
         raise _fail(where, "report_max_size", "health", "'report_max_size' must be a size such "
-                    f"as '10 MB', got {health['report_max_size']!r}")
+                    f"as '10 MB', from 1 KiB to 100 GiB, got {_show(health['report_max_size'])}")
     raw = health.pop("checks")
     if raw is not None and not isinstance(raw, _Map):
-        raise _fail(where, "checks", "health", "'checks' must be a mapping of check names")
+        raise _fail(where, "checks", "health", "'checks' must be a mapping of check names, got "
+                    f"{_show(raw)}")
     raw = raw if raw is not None else {}
     for name in raw:
         if name not in CHECKS:
-            raise _fail(raw, name, "health", f"unknown check '{name}' (known: "
+            raise _fail(raw, name, "health", f"unknown check {_show(name)} (known: "
                         f"{', '.join(CHECKS)})")
     checks: dict[str, dict[str, Any]] = {}
     for name, (defaults, own, actions) in CHECKS.items():
@@ -437,28 +801,28 @@ def _health(data: _Map, ctx: _Ctx) -> dict[str, Any]:
                   in CHECK_FIELDS.items()} | own
         who = f"health check '{name}'"
         body = raw.get(name)
-        values = _fields(body, raw if isinstance(raw, _Map) else where, name, schema, who, ctx)
+        values = _fields(body, raw if isinstance(raw, _Map) else where, name, schema, who, ctx,
+                         limits=CHECK_LIMITS)
         if values["on_fail"] not in actions:
             raise _fail(body if isinstance(body, _Map) else raw, "on_fail", who,
                         f"'on_fail' must be one of {', '.join(actions)} for this check, "
-                        f"got {values['on_fail']!r}")
+                        f"got {_show(values['on_fail'])}")
         if values["interval"] <= 0 or values["timeout"] <= 0:
             key = "interval" if values["interval"] <= 0 else "timeout"
             raise _fail(body if isinstance(body, _Map) else raw, key, who,
                         f"'{key}' must be > 0")
         if "paths" in values:
-            values["paths"] = tuple(ctx.expand(str(v)) for v in values["paths"])
+            values["paths"] = tuple(
+                _check_path(body if isinstance(body, _Map) else raw, "paths", ctx.expand(str(v)),
+                            who) for v in values["paths"])
         checks[name] = values
     health["checks"] = checks
     return health
 
 
 def _http(data: _Map, ctx: _Ctx) -> dict[str, Any]:
-    http = _fields(data.get("http"), data, "http", HTTP_FIELDS, "http", ctx)
-    if http["port"] > 65535:
-        where = data.get("http") if isinstance(data.get("http"), _Map) else data
-        raise _fail(where, "port", "http", f"'port' must be 0-65535, got {http['port']}")
-    return http
+    return _fields(data.get("http"), data, "http", HTTP_FIELDS, "http", ctx,
+                   limits={"port": Range(0, 65535)})
 
 
 def _components(data: _Map, ctx: _Ctx, ws: Path, defaults: Mapping[str, Any]) -> dict[str, Component]:
@@ -468,25 +832,33 @@ def _components(data: _Map, ctx: _Ctx, ws: Path, defaults: Mapping[str, Any]) ->
     if raw is None:
         return {}
     if not isinstance(raw, _Map):
-        raise _fail(data, "components", "config", "'components' must be a mapping of names")
+        raise _fail(data, "components", "config", "'components' must be a mapping of names, "
+                    f"got {_show(raw)}")
     out: dict[str, Component] = {}
     for name, body in raw.items():
+        if not NAME_RE.fullmatch(name):
+            raise _fail(raw, name, f"component {_show(name)}", "a component name must be a "
+                        "plain identifier (letters, digits, underscore; not starting with a "
+                        "digit)")
+        if len(name) > MAX_NAME:
+            raise _fail(raw, name, f"component {_show(name)}", f"a component name is at most "
+                        f"{MAX_NAME} characters, this one has {len(name)}")
         who = f"component '{name}'"
-        if not isinstance(name, str) or not NAME_RE.match(name):
-            raise _fail(raw, name, who, "a component name must be a plain identifier "
-                        "(letters, digits, underscore; not starting with a digit)")
         if not isinstance(body, _Map):
-            raise _fail(raw, name, who, "must be a mapping with at least 'kind'")
+            raise _fail(raw, name, who, f"must be a mapping with at least 'kind', got "
+                        f"{_show(body)}")
         kind = body.get("kind")
-        if kind not in KINDS:
+        if not isinstance(kind, str) or kind not in KINDS:
             if "kind" not in body:
                 raise _fail(body, None, who, "missing 'kind' (one of: " + ", ".join(KINDS) + ")")
-            raise _fail(body, "kind", who, f"unknown kind '{kind}' (one of: {', '.join(KINDS)})")
+            raise _fail(body, "kind", who, f"unknown kind {_show(kind)} (one of: "
+                        f"{', '.join(KINDS)})")
         module = KINDS[kind]
         schema = dict(COMMON_FIELDS) | module.FIELDS
-        values = _fields(body, raw, name, schema, who, ctx)
+        values = _fields(body, raw, name, schema, who, ctx, limits=COMPONENT_LIMITS)
         try:
             spec = module.validate({k: values[k] for k in module.FIELDS}, ctx.expand)
+            _check_spec(kind, spec)
         except ValueError as exc:
             key = getattr(exc, "key", None)
             error = _fail(body, key if key in body else None, who, str(exc))
@@ -511,25 +883,51 @@ def _components(data: _Map, ctx: _Ctx, ws: Path, defaults: Mapping[str, Any]) ->
         for dep in comp.depends_on:
             if dep not in out:
                 raise _fail(body, "depends_on", f"component '{name}'",
-                            f"unknown dependency '{dep}' (known: {', '.join(out)})")
+                            f"unknown dependency {_show(dep)} (known: {_names(out)})")
     _check_cycles(out, raw)
     return out
 
 
+_NODE_NAME_RE = re.compile(r"[A-Za-z0-9_.\-]+")
+
+
+def _check_spec(kind: str, spec: Mapping[str, Any]) -> None:
+    """Limits the kinds' own validation leaves open: a node folder name is one plain path
+    component (no trailing newline, at most NAME_MAX bytes)."""
+    if kind != "nodes":
+        return
+    for i, node in enumerate(spec["nodes"]):
+        name = node["name"]
+        if not _NODE_NAME_RE.fullmatch(name) or len(name.encode()) > NAME_MAX:
+            err = ValueError(f"nodes[{i}]: cannot use {_show(name)} as a folder name (letters, "
+                             f"digits, '_', '.', '-'; at most {NAME_MAX} bytes); set 'name'")
+            err.key, err.index = "nodes", i  # type: ignore[attr-defined]
+            raise err
+
+
 def _check_cycles(comps: Mapping[str, Component], raw: _Map) -> None:
-    state: dict[str, int] = {}
-
-    def visit(name: str, path: list[str]) -> None:
-        state[name] = 1
-        for dep in comps[name].depends_on:
-            if state.get(dep) == 1:
-                cycle = path[path.index(dep):] + [dep] if dep in path else [name, dep]
-                raise _fail(raw[name], "depends_on", f"component '{name}'",
-                            "dependency cycle: " + " -> ".join(cycle))
-            if dep not in state:
-                visit(dep, path + [dep])
-        state[name] = 2
-
-    for name in comps:
-        if name not in state:
-            visit(name, [name])
+    """A dependency cycle is an error naming it; depth-first without recursion, so a chain
+    of thousands of components is fine."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    for root in comps:
+        if root in state:
+            continue
+        state[root] = 1
+        stack = [(root, iter(comps[root].depends_on))]
+        while stack:
+            name, deps = stack[-1]
+            for dep in deps:
+                if state.get(dep) == 1:
+                    path = [n for n, _ in stack]
+                    cycle = path[path.index(dep):] + [dep]
+                    if len(cycle) > 10:
+                        cycle = cycle[:5] + [f"... ({len(cycle) - 9} more)"] + cycle[-4:]
+                    raise _fail(raw[name], "depends_on", f"component '{name}'",
+                                "dependency cycle: " + " -> ".join(cycle))
+                if dep not in state:
+                    state[dep] = 1
+                    stack.append((dep, iter(comps[dep].depends_on)))
+                    break
+            else:
+                state[name] = 2
+                stack.pop()

@@ -13,7 +13,18 @@ class AgentError(Exception):
 
 
 class ConfigError(AgentError):
-    """Invalid configuration: one line naming file, component and problem; exit 2."""
+    """Invalid configuration: one line naming file, component and problem; exit 2.
+
+    The message is made one line here, whatever it quotes: control characters (a newline in a
+    name, an escape sequence) are shown escaped, and it is cut at MAX_LEN characters."""
+
+    MAX_LEN = 1000
+
+    def __init__(self, message: object = "") -> None:
+        text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(message))
+        if len(text) > self.MAX_LEN:
+            text = text[:self.MAX_LEN - 3] + "..."
+        super().__init__(text)
 
 
 @dataclass(frozen=True)
@@ -74,17 +85,21 @@ class Config:
         """Component names in dependency order (stable: config order breaks ties)."""
         done: list[str] = []
         seen: set[str] = set()
-
-        def visit(name: str) -> None:
-            if name in seen:
-                return
-            seen.add(name)
-            for dep in self.components[name].depends_on:
-                visit(dep)
-            done.append(name)
-
-        for name in self.components:
-            visit(name)
+        for root in self.components:  # depth-first, without recursion: chains can be long
+            if root in seen:
+                continue
+            seen.add(root)
+            stack = [(root, iter(self.components[root].depends_on))]
+            while stack:
+                name, deps = stack[-1]
+                for dep in deps:
+                    if dep not in seen:
+                        seen.add(dep)
+                        stack.append((dep, iter(self.components[dep].depends_on)))
+                        break
+                else:
+                    stack.pop()
+                    done.append(name)
         # derived components last, whatever file they came from
         return [n for n in done if self.components[n].kind != "overall"] + \
             [n for n in done if self.components[n].kind == "overall"]
