@@ -406,17 +406,28 @@ def health(
 @app.command()
 @handled
 def run(
-    poll: Annotated[Optional[float], typer.Option(
-        "--poll", help="Poll the watched folders every SECONDS instead of inotify "
-        "(network volumes).")] = None,
+    poll: Annotated[Optional[str], typer.Option(
+        "--poll", metavar="SECONDS", help="Poll the watched folders every SECONDS (0.05 to "
+        "3600) instead of inotify (network volumes).")] = None,
     no_comfyui: Annotated[bool, typer.Option("--no-comfyui", help="Keep the workspace "
                                              "installed but do not start ComfyUI.")] = False,
     workspace: WorkspaceOpt = None,
     config: ConfigOpt = None,
 ) -> None:
     """The resident agent: watch, reconcile, supervise ComfyUI (used by entrypoint.sh)."""
+    from agent.config import AGENT_LIMITS
     from agent.daemon import Daemon
 
+    if poll is not None:  # parsed here, not by click: a bad value is one line, never a spin
+        rng = AGENT_LIMITS["poll"]
+        try:
+            seconds = float(poll)
+        except ValueError:
+            seconds = float("nan")
+        if not rng.lo <= seconds <= rng.hi:  # also refuses nan and inf
+            raise ConfigError(f"--poll must be a number of seconds from {rng.lo:g} to "
+                              f"{rng.hi:g}, got {poll[:60]!r}")
+        poll = seconds  # type: ignore[assignment]
     _load(config, workspace)  # validate first: a config error is one line and exit 2
     code = Daemon(config, workspace, poll=poll,
                   start_comfyui=False if no_comfyui else None).run()
