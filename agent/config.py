@@ -26,6 +26,7 @@ from typing import Any, Callable, Mapping
 import yaml
 
 from agent.model import ComfyUISettings, Component, Config, ConfigError
+from agent.redact import register_config
 
 DEFAULT_WORKSPACE = "/workspace"
 OVERLAY_NAME = "pod-agent.yaml"
@@ -756,7 +757,7 @@ def load(config_path: str | Path | None = None, workspace: str | Path | None = N
         base_python=cui["base_python"], args=cui["args"], port=cui["port"], host=cui["host"],
         env=cui["env"] or {}, log=cui["log"], sage_attention=cui["sage_attention"],
     )
-    return Config(
+    return register_config(Config(  # its secrets are masked everywhere (agent/redact.py)
         workspace=ws,
         markers_dir=paths["markers_dir"],
         state_dir=paths["state_dir"],
@@ -770,7 +771,7 @@ def load(config_path: str | Path | None = None, workspace: str | Path | None = N
         sources=tuple(sources),
         health=health,
         http=http,
-    )
+    ))
 
 
 def _size_bytes(text: str) -> float | None:

@@ -13,26 +13,22 @@ from pathlib import Path
 
 from loguru import logger
 
+from agent import redact as _redact
 from agent.redact import redact
 
 _configured = False
-_secrets: set[str] = set()  # values that are secret wherever they appear (e.g. http.token)
 _health_sink: int | None = None
 HEALTH_KEY = "health_json"  # records bound with this extra go to the health report only
 
 
 def add_secret(value: str | None) -> None:
-    """Treat value as a secret in every log record and report from now on."""
-    if value and len(value) >= 4:
-        _secrets.add(value)
+    """Treat value as a secret in every log record and report from now on (the registry in
+    agent/redact.py: one mechanism for logs, install logs, state files and outputs)."""
+    _redact.register(value)
 
 
 def scrub(text: str) -> str:
-    """redact() plus the secrets registered with add_secret()."""
-    if not text:
-        return text
-    for value in sorted(_secrets, key=len, reverse=True):
-        text = text.replace(value, "***")
+    """The same as redact() (kept for the callers that import it from here)."""
     return redact(text)
 
 

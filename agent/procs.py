@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from agent.redact import redact
+from agent.redact import redact, secrets_in_env
 
 KILL_GRACE = 5.0
 
@@ -99,8 +99,10 @@ def run(
     shown = cmd if shell else " ".join(cmd)
     log.parent.mkdir(parents=True, exist_ok=True)
     start = time.monotonic()
+    hide = secrets_in_env(env)  # the caller's own env (a component's, installer_env)
     with open(log, "a", encoding="utf-8", errors="replace") as out:
-        out.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {title or ''} $ {redact(shown)}\n")
+        out.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {title or ''} $ "
+                  f"{redact(shown, hide)}\n")
         out.flush()
         proc = subprocess.Popen(
             argv,
@@ -117,7 +119,7 @@ def run(
         def pump() -> None:
             assert proc.stdout is not None
             for raw in iter(proc.stdout.readline, b""):
-                out.write(redact(raw.decode("utf-8", "replace")))
+                out.write(redact(raw.decode("utf-8", "replace"), hide))
                 out.flush()
 
         reader = threading.Thread(target=pump, name=f"pump-{proc.pid}", daemon=True)
@@ -175,7 +177,7 @@ def quick(cmd: Sequence[str] | str, timeout: float = 30.0, cwd: Path | None = No
             os.killpg(proc.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
-    return proc.returncode, redact(out.decode("utf-8", "replace"))
+    return proc.returncode, redact(out.decode("utf-8", "replace"), secrets_in_env(env))
 
 
 def known_pids() -> set[int]:

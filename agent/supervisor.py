@@ -4,9 +4,11 @@ States: STOPPED, STARTING, RUNNING, BACKOFF, STOPPING, DEGRADED. Only `_transiti
 state and it refuses a transition that is not in `ALLOWED`. Time is `time.monotonic()`; every
 timeout (readiness, liveness, backoff, queue wait) is decided in `tick(now)`.
 
-ComfyUI runs in its own session (process group == its pid) with its output appended straight to
-its log file, so it survives the agent; a new agent adopts it through `<state_dir>/comfyui.json`
-(pid + create_time) or a cmdline/cwd/port scan instead of starting a second one on the port.
+ComfyUI runs in its own session (process group == its pid), so it survives the agent; a new agent
+adopts it through `<state_dir>/comfyui.json` (pid + create_time) or a cmdline/cwd/port scan
+instead of starting a second one on the port. Its output reaches its log file through a redacting
+pipe: a small process in ComfyUI's own process group (agent/logpipe.py) that survives the agent
+too, drains ComfyUI's last words on a stop, and exits on EOF.
 
 Threads: `request_restart()` and `snapshot()` may be called from any thread and never block on the
 process; `tick()`, `start()` and `stop()` serialise on one lock (a restart blocks `tick` for at most
@@ -23,6 +25,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -37,12 +40,16 @@ from loguru import logger
 
 from agent.markers import atomic_write, read_json
 from agent.model import ComfyUISettings
-from agent.redact import redact
+from agent.logpipe import NAME as LOGPIPE_NAME
+from agent.redact import redact, redact_argv, registered
 
 STATE_FILE = "comfyui.json"
 LOG_MAX_BYTES = 20 * 1024 * 1024
 LOG_KEEP = 3
 KILL_WAIT = 5.0  # after SIGKILL, how long we wait for the leader to go
+LOGPIPE = Path(__file__).with_name(LOGPIPE_NAME)
+PIPE_START_WAIT = 10.0  # how long a start waits for the log pipe's bootstrap to exec ComfyUI
+PIPE_DRAIN_WAIT = 2.0  # after ComfyUI died, how long its log pipe may take to write the rest
 
 
 class ServiceState(str, enum.Enum):
@@ -111,6 +118,8 @@ class Supervisor:
         self._adopted = False
         self._started_mono: float | None = None
         self._cmdline: list[str] = []
+        self._pipe: psutil.Process | None = None  # the redacting log pipe in ComfyUI's group
+        self._pipe_misses = 0
 
         self._ready_seen = False
         self._ready_deadline = 0.0
@@ -222,7 +231,8 @@ class Supervisor:
             pending = None
             if req is not None:
                 waiting = "queue" if self.state is S.RUNNING and not req.urgent else "start"
-                pending = {"reason": req.reason, "since": req.since_wall, "waiting_for": waiting,
+                pending = {"reason": redact(req.reason), "since": req.since_wall,
+                           "waiting_for": waiting,
                            "urgent": req.urgent}
         state = self.state
         next_start = self._next_start
@@ -238,8 +248,8 @@ class Supervisor:
             "pending_restart": pending,
             "next_start_in": round(max(0.0, next_start - now), 3)
             if next_start is not None and state in (S.BACKOFF, S.DEGRADED) else None,
-            "degraded_reason": self._degraded_reason,
-            "last_failure": self._last_failure,
+            "degraded_reason": redact(self._degraded_reason or "") or None,
+            "last_failure": redact(self._last_failure or "") or None,
             "ready": self._ready_seen,
             "port": self.settings.port,
             "log": str(self.settings.log),
@@ -292,6 +302,7 @@ class Supervisor:
         self._next_probe = now + self._a("liveness_interval")
         if ok:
             self._live_failures = 0
+            self._check_pipe()
             return
         self._live_failures += 1
         limit = self._a("liveness_failures")
@@ -344,6 +355,7 @@ class Supervisor:
         with self._lock:
             if self.state not in (S.STOPPED, S.BACKOFF, S.DEGRADED):
                 return False
+            saved = read_json(self.state_file) or {}
             proc, how = self._find_running()
             if proc is None:
                 return False
@@ -359,6 +371,8 @@ class Supervisor:
             self._pgid = pgid
             self._adopted = True
             self._cmdline = cmdline
+            self._pipe = self._saved_pipe(saved.get("log_pipe"), pgid) or self._find_pipe(pgid)
+            self._pipe_misses = 0
             self._starts += 1
             now = time.monotonic()
             self._started_mono = now - max(0.0, time.time() - create_time)
@@ -434,13 +448,13 @@ class Supervisor:
         except OSError as exc:
             self._fail(now, f"cannot open log {s.log}: {exc.strerror}")
             return
+        shown = " ".join(redact_argv(cmd))
         try:
             os.write(fd, f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} pod-agent starts ComfyUI: "
-                         f"{redact(' '.join(cmd))}\n".encode())
-            proc = subprocess.Popen(cmd, cwd=str(s.dir), env=env, stdin=subprocess.DEVNULL,
-                                    stdout=fd, stderr=fd, start_new_session=True, close_fds=True)
+                         f"{shown}\n".encode())
+            proc, pipe_pid = self._popen(cmd, env, fd)
         except OSError as exc:
-            self._fail(now, f"cannot start ComfyUI: {exc}")
+            self._fail(now, f"cannot start ComfyUI: {redact(str(exc))}")
             return
         finally:
             os.close(fd)
@@ -449,6 +463,8 @@ class Supervisor:
         self._pgid = proc.pid
         self._adopted = False
         self._cmdline = cmd
+        self._pipe = self._saved_pipe({"pid": pipe_pid}, proc.pid) if pipe_pid else None
+        self._pipe_misses = 0
         self._starts += 1
         self._started_mono = time.monotonic()
         self._ready_seen = False
@@ -462,7 +478,110 @@ class Supervisor:
             self._ps, create_time = None, time.time()
         self._write_state(proc.pid, create_time, cmd, time.time())
         self._clear_pending(seq)
-        logger.info("ComfyUI started: pid {} port {} ({})", proc.pid, s.port, " ".join(cmd))
+        logger.info("ComfyUI started: pid {} port {} ({})", proc.pid, s.port, shown)
+
+    def _popen(self, cmd: list[str], env: dict[str, str], log_fd: int) -> tuple[subprocess.Popen,
+                                                                                 int | None]:
+        """Start cmd through the redacting log pipe (agent/logpipe.py); return the process
+        (ComfyUI itself once the bootstrap exec'd it) and the pipe's pid when it reported."""
+        status_r, status_w = os.pipe()
+        try:
+            try:
+                proc = subprocess.Popen(
+                    [sys.executable or "python3", "-I", str(LOGPIPE), str(self.settings.log),
+                     str(status_w)],
+                    cwd=str(self.settings.dir), env=env, stdin=subprocess.PIPE, stdout=log_fd,
+                    stderr=log_fd, start_new_session=True, close_fds=True, pass_fds=(status_w,))
+            finally:
+                os.close(status_w)
+            request = json.dumps({"cmd": cmd, "secrets": registered()}).encode()
+            try:
+                assert proc.stdin is not None
+                proc.stdin.write(request)
+                proc.stdin.close()
+            except OSError:  # the bootstrap died at once: tick notices its exit
+                pass
+            return proc, self._read_pipe_status(status_r, proc.pid)
+        finally:
+            os.close(status_r)
+
+    @staticmethod
+    def _read_pipe_status(fd: int, pid: int) -> int | None:
+        """Read the bootstrap's status fd until EOF (ComfyUI exec'd, or the bootstrap ended)."""
+        import select
+
+        data = b""
+        deadline = time.monotonic() + PIPE_START_WAIT
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                logger.warning("ComfyUI pid {}: the log pipe did not report within {:g}s", pid,
+                               PIPE_START_WAIT)
+                break
+            ready, _, _ = select.select([fd], [], [], left)
+            if not ready:
+                continue
+            chunk = os.read(fd, 4096)
+            if not chunk:
+                break
+            data += chunk
+        pipe_pid = None
+        for line in data.decode("utf-8", "replace").splitlines():
+            word, _, rest = line.partition(" ")
+            if word == "pipe" and rest.strip().isdigit():
+                pipe_pid = int(rest)
+            elif word == "error":
+                logger.error("ComfyUI did not start: {}", redact(rest))
+        return pipe_pid
+
+    def _saved_pipe(self, info: Any, pgid: int) -> psutil.Process | None:
+        """The log pipe recorded in comfyui.json, if it still runs in ComfyUI's group."""
+        if not isinstance(info, dict) or not isinstance(info.get("pid"), int):
+            return None
+        try:
+            proc = psutil.Process(info["pid"])
+            ctime = info.get("create_time")
+            if ctime is not None and abs(proc.create_time() - float(ctime)) > 0.05:
+                return None
+            if os.getpgid(proc.pid) != pgid or proc.status() == psutil.STATUS_ZOMBIE:
+                return None
+            return proc
+        except (psutil.Error, OSError, TypeError, ValueError):
+            return None
+
+    def _find_pipe(self, pgid: int) -> psutil.Process | None:
+        """The log pipe in ComfyUI's group, found by its command line (adoption by scan)."""
+        for proc in self._group_members(pgid):
+            try:
+                if any(Path(a).name == LOGPIPE_NAME for a in proc.cmdline()):
+                    return proc
+            except psutil.Error:
+                continue
+        return None
+
+    def _pipe_alive(self) -> bool:
+        try:
+            return self._pipe is not None and self._pipe.is_running() and \
+                self._pipe.status() != psutil.STATUS_ZOMBIE
+        except psutil.Error:
+            return False
+
+    def _check_pipe(self) -> None:
+        """A log pipe that died under a live ComfyUI: ComfyUI's writes now fail (EPIPE), so ask
+        for a queue-aware restart, which gives it a new pipe. Two misses in a row, so that a
+        ComfyUI exiting right now is not mistaken for it."""
+        if self._pipe is None or self._pipe_alive():
+            self._pipe_misses = 0
+            return
+        self._pipe_misses += 1
+        if self._pipe_misses < 2 or not self._leader_alive():
+            return
+        logger.warning("ComfyUI's log pipe (pid {}) is gone: its output cannot reach {}; "
+                       "restarting ComfyUI when its queue is empty", self._pipe.pid,
+                       self.settings.log)
+        self._pipe = None
+        self._pipe_misses = 0
+        self.request_restart("log pipe to comfyui.log ended")
 
     def _clear_pending(self, seq: int) -> None:
         """A (re)start satisfies every request made before it read extra_args()."""
@@ -624,11 +743,35 @@ class Supervisor:
                 continue
         return False
 
+    @staticmethod
+    def _group_members(pgid: int) -> list[psutil.Process]:
+        out = []
+        for proc in psutil.process_iter(["pid", "status"]):
+            try:
+                if proc.info["status"] != psutil.STATUS_ZOMBIE and os.getpgid(proc.pid) == pgid:
+                    out.append(proc)
+            except (psutil.Error, OSError):
+                continue
+        return out
+
     def _kill_leftovers(self) -> None:
-        """Whatever outlived the leader in its group goes with it."""
+        """Whatever outlived the leader in its group goes with it. The log pipe goes last: it
+        is given a moment to write what the others said before they died."""
         pgid = self._own_group()
         if pgid is None or not self._group_alive():
             return
+        if self._pipe_alive():
+            pipe = self._pipe
+            for proc in self._group_members(pgid):
+                if proc.pid != pipe.pid:
+                    try:
+                        proc.kill()
+                    except psutil.Error:
+                        pass
+            try:
+                pipe.wait(PIPE_DRAIN_WAIT)
+            except (psutil.Error, psutil.TimeoutExpired):
+                pass
         try:
             os.killpg(pgid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
@@ -644,6 +787,8 @@ class Supervisor:
         self._ready_seen = False
         self._running_since = None
         self._adopted_code = None
+        self._pipe = None
+        self._pipe_misses = 0
 
     # ------------------------------------------------------------------ HTTP
     def _connect_host(self) -> str:
@@ -678,8 +823,17 @@ class Supervisor:
     # ------------------------------------------------------------------ files
     def _write_state(self, pid: int, create_time: float, cmdline: list[str],
                      started: float) -> None:
-        data = {"pid": pid, "create_time": create_time, "cmdline": cmdline,
-                "port": self.settings.port, "cwd": str(self.settings.dir), "started": started}
+        pipe = None
+        if self._pipe is not None:
+            try:
+                pipe = {"pid": self._pipe.pid, "create_time": self._pipe.create_time()}
+            except psutil.Error:
+                pipe = None
+        # The command line is informational (adoption matches pid + create_time, or scans):
+        # stored redacted, like everything the agent writes.
+        data = {"pid": pid, "create_time": create_time, "cmdline": redact_argv(cmdline),
+                "port": self.settings.port, "cwd": str(self.settings.dir), "started": started,
+                "log_pipe": pipe}
         try:
             atomic_write(self.state_file, json.dumps(data, indent=2))
         except OSError as exc:

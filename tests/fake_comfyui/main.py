@@ -8,6 +8,8 @@ Control (files in $FAKE_COMFY_CONTROL, default <cwd>/.fake_control, re-read on e
   busy   present -> one running item; the integer inside (default 0) is the number pending
   hang   present -> GET /system_stats blocks until the file is gone
   crash  present -> exit 1 (checked at start and every 0.1 s)
+  say    present -> removed, then its text printed on stdout (checked every 0.1 s; a failed
+         write, e.g. EPIPE, is ignored as a logging handler would)
 
 Environment:
   FAKE_COMFY_CRASH_ON_START=1   exit 1 right after recording the start
@@ -16,6 +18,8 @@ Environment:
   FAKE_COMFY_IGNORE_SIGTERM=1   ignore SIGTERM (only SIGKILL stops it)
   FAKE_COMFY_SPAWN_CHILD=1      start a child process in the same process group that just waits
                                 (it ignores SIGTERM too when FAKE_COMFY_IGNORE_SIGTERM=1)
+  FAKE_COMFY_PRINT_ENV=A,B      print `env A=<value>` for each named variable at start (stdout),
+                                and the same with a progress-bar '\r' ending on stderr
 """
 
 from __future__ import annotations
@@ -137,8 +141,21 @@ class Handler(BaseHTTPRequestHandler):
 def watch_control() -> None:
     while True:
         if control("crash").exists():
-            say("crash file found: exiting with status 1")
+            try:
+                say("crash file found: exiting with status 1")
+            except OSError:
+                pass
             os._exit(1)
+        try:
+            text = control("say").read_text()
+            control("say").unlink()
+        except OSError:
+            text = None
+        if text is not None:
+            try:
+                say(text.strip())
+            except OSError:
+                pass
         time.sleep(0.1)
 
 
@@ -168,6 +185,10 @@ def main() -> None:
                                 "child_pid": child_pid}) + "\n")
 
     say(f"starting: {' '.join(sys.argv)} (python {platform.python_version()})")
+    for name in filter(None, os.environ.get("FAKE_COMFY_PRINT_ENV", "").split(",")):
+        say(f"env {name}={os.environ.get(name, '')}")
+        sys.stderr.write(f"progress {name}: {os.environ.get(name, '')} 100%\r")
+        sys.stderr.flush()
     if os.environ.get("FAKE_COMFY_CRASH_ON_START") == "1":
         say("FAKE_COMFY_CRASH_ON_START: exiting with status 1")
         os._exit(1)
