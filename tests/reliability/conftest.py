@@ -63,6 +63,10 @@ class Tally:
             row.notes.append(note)
         return ok
 
+    def info(self, suite: str, text: str) -> None:
+        """A line printed under the table for this suite (figures, what the cases covered)."""
+        TABLE.setdefault(suite, Row()).notes.append(text)
+
 
 @pytest.fixture(scope="session")
 def tally() -> Tally:
