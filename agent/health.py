@@ -100,8 +100,63 @@ def verdict(statuses: Iterable[str], quarantined: bool = False) -> str:
 
 
 def load_state(config: Config) -> dict | None:
+    """The latest health.json, or None. Whatever the file holds (hand-edited, truncated,
+    another version's), what comes back has the expected shape: checks a mapping of mappings,
+    quarantined a mapping of strings."""
     data = read_json(state_path(config))
-    return data if data is not None and isinstance(data.get("checks"), dict) else None
+    if data is None or not isinstance(data.get("checks"), dict):
+        return None
+    checks = {str(n): e for n, e in data["checks"].items() if isinstance(e, dict)}
+    quarantined = data.get("quarantined")
+    quarantined = {str(k): str(v) for k, v in quarantined.items()} \
+        if isinstance(quarantined, dict) else {}
+    return dict(data, checks=checks, quarantined=quarantined)
+
+
+REPORT_MIN_FREE = 1 << 20  # bytes: below this the CLI does not open the health report
+
+
+def open_report(config: Config) -> str | None:
+    """Open the health report sink for `pod-agent health --now`; returns None, or one line
+    saying why the report is not written this time (a full or read-only disk, a file where
+    the logs folder goes). The checks run and print either way."""
+    import shutil
+
+    from agent import log as agent_log
+    from agent.fserr import describe
+
+    path = report_path(config)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if not os.access(path.parent, os.W_OK):
+            raise OSError(30 if _read_only(path.parent) else 13,
+                          "Read-only file system" if _read_only(path.parent)
+                          else "Permission denied", str(path.parent))
+        free = shutil.disk_usage(path.parent).free
+        if free < REPORT_MIN_FREE:
+            raise OSError(28, "No space left on device", str(path))
+        agent_log.health_report(path, config.health["report_max_size"],
+                                config.health["report_retention"])
+    except OSError as exc:
+        return describe(exc, "health report not written")
+    return None
+
+
+def _read_only(folder: Path) -> bool:
+    try:
+        return bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
+
+
+def close_report() -> None:
+    """Close the report sink; a flush that fails (a full disk) is not an error of the check."""
+    from agent import log as agent_log
+
+    try:
+        agent_log.close_health_report()
+    except (OSError, ValueError):
+        pass
 
 
 # ---------------------------------------------------------------------- rate limit
@@ -114,10 +169,18 @@ class Limiter:
         self._lock = threading.Lock()
 
     def _load(self) -> dict[str, Any]:
+        """The saved budget; a file that is garbage (or not this shape) counts as empty."""
         data = read_json(self.path) or {}
-        data.setdefault("events", {})
-        data.setdefault("quarantine", {})
-        return data
+        events = data.get("events")
+        events = {str(k): [float(t) for t in v if isinstance(t, (int, float))
+                           and not isinstance(t, bool) and math.isfinite(t)]
+                  for k, v in events.items() if isinstance(v, list)} \
+            if isinstance(events, dict) else {}
+        quarantine = data.get("quarantine")
+        quarantine = {str(k): v for k, v in quarantine.items() if isinstance(v, dict)
+                      and isinstance(v.get("until", 0), (int, float))} \
+            if isinstance(quarantine, dict) else {}
+        return {"events": events, "quarantine": quarantine}
 
     def _save(self, data: dict[str, Any]) -> None:
         try:
@@ -174,7 +237,7 @@ class Limiter:
         now = time.time() if now is None else now
         with self._lock:
             data = self._load()
-        return {v.get("target", k): v for k, v in data["quarantine"].items()
+        return {str(v.get("target", k)): v for k, v in data["quarantine"].items()
                 if v.get("until", 0) > now}
 
 
@@ -305,7 +368,11 @@ class Monitor:
             ok, why = self.limiter.allow("reinstall", target, h["reinstall_limit"],
                                          h["limit_window"])
             if ok:
-                markers.remove(self.config.markers_dir, target)
+                try:
+                    markers.remove(self.config.markers_dir, target)
+                except AgentError as exc:  # a folder, an immutable file: say so, act on the rest
+                    held.append(f"{target} (marker not removed: {exc})")
+                    continue
                 done.append(target)
             else:
                 held.append(f"{target} ({why})")
@@ -324,7 +391,7 @@ class Monitor:
         if comp is None or comp.kind == "overall":
             raise KeyError(component)
         self.limiter.clear("reinstall", component, history=True)
-        markers.remove(self.config.markers_dir, component)
+        markers.remove(self.config.markers_dir, component)  # FsError: the caller says why
         logger.warning(f"health: reinstall of {component} requested ({why})")
         if self.hooks.request_reconcile is not None:
             self.hooks.request_reconcile(f"{why}: reinstall {component}")
@@ -419,31 +486,41 @@ class Monitor:
         except (OSError, AgentError):
             got = False
         try:
-            old = load_state(self.config) or {"checks": {}}
-            enabled = set(self.enabled())
-            with self._lock:
-                mine = {n: dict(e) for n, e in self.latest.items()}
-            merged = {n: e for n, e in old["checks"].items()
-                      if n in enabled and isinstance(e, dict)}
-            for n, e in mine.items():
-                if n not in merged or parse_time(e.get("time")) >= \
-                        parse_time(merged[n].get("time")):
-                    merged[n] = dict(e, source=self.source)
-            keep = enabled | set(mine)  # a disabled check run by hand (--check) is kept too
-            merged = {n: merged[n] for n in REGISTRY if n in merged and n in keep}
-            quarantined = self.limiter.quarantined()
-            data = {"time": iso(), "host": socket.gethostname(), "pid": os.getpid(),
-                    "source": self.source,
-                    "verdict": verdict((e.get("status", "fail") for e in merged.values()),
-                                       bool(quarantined)),
-                    "checks": merged,
-                    "quarantined": {k: q.get("reason") for k, q in quarantined.items()}}
-            atomic_write(path, json.dumps(clean(data), indent=1))
+            atomic_write(path, json.dumps(self.state(), indent=1))
         except OSError as exc:
-            logger.warning(f"health: cannot write {path}: {exc}")
+            self._warn_once(f"health: cannot write {path}: {exc.strerror or exc} (the report "
+                            "is kept in memory; `pod-agent status` may show an older one)")
         finally:
             if got:
                 lock.release()
+
+    def _warn_once(self, text: str) -> None:
+        """A full or read-only disk is said once per process, not once per check run."""
+        if text != getattr(self, "_last_warning", None):
+            self._last_warning = text
+            logger.warning(text)
+
+    def state(self) -> dict[str, Any]:
+        """What health.json holds: the saved results merged with this process's latest
+        (the newer result of each check wins), the verdict and the quarantined components."""
+        old = load_state(self.config) or {"checks": {}}
+        enabled = set(self.enabled())
+        with self._lock:
+            mine = {n: dict(e) for n, e in self.latest.items()}
+        merged = {n: e for n, e in old["checks"].items() if n in enabled}
+        for n, e in mine.items():
+            if n not in merged or parse_time(e.get("time")) >= \
+                    parse_time(merged[n].get("time")):
+                merged[n] = dict(e, source=self.source)
+        keep = enabled | set(mine)  # a disabled check run by hand (--check) is kept too
+        merged = {n: merged[n] for n in REGISTRY if n in merged and n in keep}
+        quarantined = self.limiter.quarantined()
+        return clean({"time": iso(), "host": socket.gethostname(), "pid": os.getpid(),
+                      "source": self.source,
+                      "verdict": verdict((e.get("status", "fail") for e in merged.values()),
+                                         bool(quarantined)),
+                      "checks": merged,
+                      "quarantined": {k: q.get("reason") for k, q in quarantined.items()}})
 
     # -------------------------------------------------------------- for the daemon
     def latest_entry(self, name: str) -> dict[str, Any] | None:

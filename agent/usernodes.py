@@ -11,11 +11,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from agent.fserr import explain
 from agent.kinds import gitops
 from agent.kinds.base import Ctx, InstallError
 from agent.locks import Lock
 from agent.markers import atomic_write, read_json
-from agent.model import Component, Config
+from agent.model import AgentError, Component, Config
 
 SKIP = {"__pycache__", ".disabled", "node_modules"}
 
@@ -69,29 +70,46 @@ def converge(ctx: Ctx) -> tuple[list[str], list[str]]:
     comp = pseudo_component(config)
     changed: list[str] = []
     failures: list[str] = []
-    with Lock(config.state_dir / "locks" / "user_nodes.lock") as lock:
-        if not lock.acquire(comp.timeout + 60):
-            return [], ["user_nodes: another installer holds the lock"]
+    lock = Lock(config.state_dir / "locks" / "user_nodes.lock")
+    try:
+        got = lock.acquire(comp.timeout + 60)
+    except (OSError, AgentError) as exc:  # a read-only or full volume, a folder as lock file
+        return [], [f"user_nodes: {explain(exc)}"]
+    if not got:
+        return [], ["user_nodes: another installer holds the lock"]
+    with lock:
         state = _load(config)
         for path in nodes:
-            if (path / ".git").is_dir() and not (path / ".git" / "index").exists():
-                continue  # a clone still in progress: its files are not all there yet
-            rec = state.get(path.name, {})
-            commit = gitops.head(path)
-            digest = gitops.deps_digest(path)
-            moved = rec.get("commit") != commit or rec.get("deps") != digest
-            problem = gitops.deps_problem(ctx, path, None)
-            if not moved and problem is None:
-                continue
             try:
-                gitops.install_deps(comp, ctx, path, path.name)
+                if _converge_one(ctx, comp, path, state):
+                    changed.append(path.name)
             except InstallError as exc:
                 failures.append(str(exc))
-                continue
-            state[path.name] = {"commit": commit, "deps": digest}
-            changed.append(path.name)
+            except (OSError, AgentError) as exc:  # one node's problem stays its own
+                failures.append(f"custom_nodes/{path.name}: {explain(exc)}")
         for name in list(state):
             if not (custom_nodes_dir(config) / name).is_dir():
                 del state[name]
-        atomic_write(_state_path(config), json.dumps(state, indent=1))
+        try:
+            atomic_write(_state_path(config), json.dumps(state, indent=1))
+        except OSError as exc:  # the nodes are installed; only the record of it is missing
+            failures.append(f"user_nodes: {explain(exc)} (their requirements are checked "
+                            "again next time)")
     return changed, failures
+
+
+def _converge_one(ctx: Ctx, comp: Component, path: Path, state: dict) -> bool:
+    """Install one node's requirements when needed; True when it did."""
+    if (path / ".git").is_dir() and not (path / ".git" / "index").exists():
+        return False  # a clone still in progress: its files are not all there yet
+    rec = state.get(path.name)
+    rec = rec if isinstance(rec, dict) else {}  # a hand-edited state file is not trusted
+    commit = gitops.head(path)
+    digest = gitops.deps_digest(path)
+    moved = rec.get("commit") != commit or rec.get("deps") != digest
+    problem = gitops.deps_problem(ctx, path, None)
+    if not moved and problem is None:
+        return False
+    gitops.install_deps(comp, ctx, path, path.name)
+    state[path.name] = {"commit": commit, "deps": digest}
+    return True
