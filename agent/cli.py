@@ -1,7 +1,9 @@
 """Thin typer commands: build a result, then render it (text or --json).
 
 Exit codes (pre-commit's error_handler): expected error 1, config error 2, Ctrl-C 130,
-anything else 3 with the traceback in <workspace>/logs/pod-agent-crash.log.
+anything else 3 with the traceback in <workspace>/logs/pod-agent-crash.log. A filesystem error
+(OSError) that reaches a command is an expected error: one line naming the path and what to do
+(agent/fserr.py), exit 1.
 """
 
 from __future__ import annotations
@@ -31,13 +33,19 @@ ConfigOpt = Annotated[Optional[Path], typer.Option(
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object.")]
 
 
+def _safe(text: str) -> str:
+    """Printable whatever a path holds: undecodable bytes of a file name (surrogates) shown as
+    escapes instead of raising UnicodeEncodeError."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def _out(text: str = "") -> None:
-    sys.stdout.write(text + "\n")
+    sys.stdout.write(_safe(text) + "\n")
     sys.stdout.flush()
 
 
 def _err(text: str) -> None:
-    sys.stderr.write(text + "\n")
+    sys.stderr.write(_safe(text) + "\n")
     sys.stderr.flush()
 
 
@@ -79,6 +87,11 @@ def handled(fn: Callable[..., Any]) -> Callable[..., Any]:
         except KeyboardInterrupt:
             _err("interrupted")
             raise typer.Exit(130)
+        except OSError as exc:  # a full disk, a read-only volume, a file where a folder goes
+            from agent.fserr import describe
+
+            _err(f"error: {redact(describe(exc))}")
+            raise typer.Exit(1)
         except Exception as exc:  # noqa: BLE001 - the last line of defence
             where = _crash_log(exc)
             _err(f"internal error: {type(exc).__name__}: {redact(str(exc))[:200]} "
@@ -88,14 +101,55 @@ def handled(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-def _load(config: Optional[Path], workspace: Optional[Path]):
+def _load(config: Optional[Path], workspace: Optional[Path], create: bool = False):
+    """The config, with a workspace that is usable: a folder (created when `create`)."""
     from agent import config as cfg
     from agent.log import quiet
 
     quiet()
     conf = cfg.load(config, workspace)
+    check_workspace(conf.workspace, create)
     _workspace_hint.append(conf.workspace)
     return conf
+
+
+def check_workspace(ws: Path, create: bool) -> None:
+    """One line (FsError) when the workspace is a file, sits below a file, cannot be reached or
+    (with `create`) cannot be created. A workspace that does not exist yet is fine for the
+    commands that only read (`status` on a fresh volume shows everything missing)."""
+    import os
+    import stat
+
+    from agent.fserr import FsError, describe
+    from agent.markers import blocking_ancestor
+
+    try:
+        mode = os.stat(ws).st_mode
+    except FileNotFoundError:
+        if not create:
+            return
+        try:
+            ws.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            culprit = blocking_ancestor(ws)
+            if culprit is not None:
+                raise FsError(f"{culprit}: is a file, not a folder: cannot create the "
+                              f"workspace {ws} below it: move that file away or pass another "
+                              "--workspace") from None
+            raise FsError(describe(exc, "cannot create the workspace") +
+                          "; or pass another --workspace") from None
+        return
+    except (OSError, ValueError) as exc:
+        culprit = blocking_ancestor(ws) if isinstance(exc, NotADirectoryError) else None
+        if culprit is not None:
+            raise FsError(f"{culprit}: is a file, not a folder: the workspace {ws} cannot be "
+                          "below it: move that file away or pass another --workspace") from None
+        if isinstance(exc, ValueError):
+            raise FsError(f"workspace {ws!r}: not a usable path ({exc})") from None
+        raise FsError(describe(exc, "the workspace cannot be used")) from None
+    if not stat.S_ISDIR(mode):
+        raise FsError(f"{ws}: the workspace is a file, not a folder: move it away or pass "
+                      "another --workspace")
 
 
 # ----------------------------------------------------------------------------- install
@@ -169,7 +223,7 @@ def install(
     """Converge the workspace: install what is missing, broken or out of date."""
     from agent.execute import Executor
 
-    conf = _load(config, workspace)
+    conf = _load(config, workspace, create=True)
     printer = _Printer(enabled=not json_out)
     report = Executor(conf, reporter=printer).run(names or None, force=force)
     if json_out:
@@ -213,13 +267,18 @@ def _size(n: int) -> str:
     return str(n)
 
 
+def _cell(value: Any, limit: int) -> str:
+    """A table cell: one line, at most `limit` characters (a hostile marker or state file
+    never widens every row of the table)."""
+    text = " ".join(str(value).split())
+    return text if len(text) <= limit else text[:max(0, limit - 3)] + "..."
+
+
 def render_status(data: dict[str, Any]) -> str:
     rows = [("COMPONENT", "STATE", "SINCE", "VERSION", "REASON")]
     for name, c in data["components"].items():
-        version = (c["version"] or "-")
-        if len(version) > 40:
-            version = version[:37] + "..."
-        rows.append((name, c["state"], c["timestamp"] or "-", version, c["reason"] or ""))
+        rows.append((name, c["state"], _cell(c["timestamp"] or "-", 25),
+                     _cell(c["version"] or "-", 40), _cell(c["reason"] or "", 2000)))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     lines = [f"workspace: {data['workspace']}   verdict: {data['verdict'].upper()}", ""]
     for r in rows:
@@ -297,11 +356,13 @@ def reset(
 ) -> None:
     """Remove markers so the next install (or the running agent) reinstalls them."""
     from agent import markers
+    from agent.redact import redact
 
     conf = _load(config, workspace)
     if bool(names) == all_:
         raise AgentError("name the components to reset, or pass --all "
                          f"(components: {', '.join(conf.components)})")
+    _check_markers_dir(conf.markers_dir)
     if all_:
         targets = markers.present(conf.markers_dir)
         if not targets:
@@ -320,11 +381,42 @@ def reset(
                              f"{', '.join(conf.components)})")
         targets = list(dict.fromkeys(names))
         targets += [n for n, c in conf.components.items() if c.kind == "overall"]
-    removed = [n for n in targets if markers.remove(conf.markers_dir, n)]
-    for name in removed:
-        _out(f"removed {markers.path_for(conf.markers_dir, name)}")
-    if not removed:
+    removed, refused = [], []
+    for name in targets:  # one that cannot be removed does not stop the others
+        try:
+            if markers.remove(conf.markers_dir, name):
+                removed.append(name)
+                _out(f"removed {markers.path_for(conf.markers_dir, name)}")
+        except AgentError as exc:
+            refused.append(name)
+            _err(f"error: {redact(str(exc))}")
+    if not removed and not refused:
         _out("No marker to remove.")
+    if refused:
+        raise typer.Exit(1)
+
+
+def _check_markers_dir(folder: Path) -> None:
+    """A marker folder that is a file (or below one) is one line, not 'no markers'."""
+    import os
+    import stat
+
+    from agent.fserr import FsError, describe
+    from agent.markers import blocking_ancestor
+
+    try:
+        mode = os.stat(folder).st_mode
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        culprit = blocking_ancestor(folder) if isinstance(exc, NotADirectoryError) else None
+        if culprit is not None:
+            raise FsError(f"{culprit}: is a file, not a folder (needed for the marker folder "
+                          f"{folder}): move that file away") from None
+        raise FsError(describe(exc, "cannot read the marker folder")) from None
+    if not stat.S_ISDIR(mode):
+        raise FsError(f"{folder}: the marker folder is a file, not a folder: move it away "
+                      "(`pod-agent install` then recreates the folder and the markers)")
 
 
 # ----------------------------------------------------------------------------- health
@@ -339,8 +431,13 @@ def render_health(data: dict[str, Any]) -> str:
     rows = [("CHECK", "STATUS", "WHEN", "TOOK", "ACTION", "DETAIL")]
     for name, e in data["checks"].items():
         when = _age(now - parse_time(e.get("time"))) + " ago" if e.get("time") else "-"
-        rows.append((name, e.get("status", "?").upper(), when, f"{e.get('duration', 0):.2f}s",
-                     e.get("action") or "none", e.get("detail") or ""))
+        try:
+            took = f"{float(e.get('duration') or 0):.2f}s"
+        except (TypeError, ValueError):
+            took = "?"
+        rows.append((_cell(name, 24), _cell(e.get("status", "?"), 8).upper(), when, took,
+                     _cell(e.get("action") or "none", 200),
+                     " ".join(str(e.get("detail") or "").split())[:2000]))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     awidth = min(32, max(len(r[4]) for r in rows))
     lines = [head, ""]
@@ -368,22 +465,26 @@ def health(
 ) -> None:
     """The latest health report (exit 0 healthy, 1 degraded, 2 failing)."""
     from agent import health as h
-    from agent import log as agent_log
     from agent.checks import REGISTRY
+    from agent.redact import redact
 
-    conf = _load(config, workspace)
+    conf = _load(config, workspace, create=now)
     if check is not None and check not in REGISTRY:
         raise AgentError(f"unknown check '{check}' (known: {', '.join(REGISTRY)})")
+    state = None
     if now:
-        agent_log.health_report(h.report_path(conf), conf.health["report_max_size"],
-                                conf.health["report_retention"])
+        note = h.open_report(conf)  # a full or read-only disk: the checks still run and print
         try:
             monitor = h.Monitor(conf, source="cli")
             names = [check] if check else monitor.enabled()
             monitor.run_many(names, force=True)
         finally:
-            agent_log.close_health_report()
-    state = h.load_state(conf)
+            h.close_report()
+        if note:
+            _err(f"warning: {redact(note)}")
+        state = monitor.state()  # this run's results, even when health.json was not written
+    else:
+        state = h.load_state(conf)
     if state is None:
         raise AgentError(f"no health report yet ({h.state_path(conf)}): start the agent "
                          "(`pod-agent run`) or run `pod-agent health --now`")
@@ -428,11 +529,16 @@ def run(
             raise ConfigError(f"--poll must be a number of seconds from {rng.lo:g} to "
                               f"{rng.hi:g}, got {poll[:60]!r}")
         poll = seconds  # type: ignore[assignment]
-    _load(config, workspace)  # validate first: a config error is one line and exit 2
+    _load(config, workspace, create=True)  # validate first: a config error is one line, exit 2
     code = Daemon(config, workspace, poll=poll,
                   start_comfyui=False if no_comfyui else None).run()
     raise typer.Exit(code)
 
 
 def main() -> None:
+    for stream in (sys.stdout, sys.stderr):  # a file name with undecodable bytes never crashes
+        try:
+            stream.reconfigure(errors="backslashreplace")  # type: ignore[union-attr]
+        except (AttributeError, ValueError):
+            pass
     app()

@@ -59,6 +59,8 @@ def processes(config: Config, installing: list[str] | None = None) -> list[dict[
 
 
 def logs(config: Config) -> list[dict[str, Any]]:
+    import stat
+
     paths = [config.progress_log, config.comfyui.log]
     paths += [c.log for c in config.components.values() if c.kind != "overall"]
     out = []
@@ -68,7 +70,9 @@ def logs(config: Config) -> list[dict[str, Any]]:
             st = path.stat()
         except OSError:
             continue
-        last = procs.tail(path, 1).strip()
+        if not stat.S_ISREG(st.st_mode):  # a folder or a FIFO where a log goes: nothing to show
+            continue
+        last = " ".join(procs.tail(path, 1).split())
         out.append({"path": str(path), "size": st.st_size, "age": round(now - st.st_mtime, 1),
                     "last_line": redact(last)[:200]})
     return out
@@ -82,11 +86,34 @@ def service(config: Config, procs_: list[dict[str, Any]]) -> tuple[dict | None, 
     data = read_json(config.runtime_dir / "agent.json") or {}
     svc = read_json(config.runtime_dir / "service.json") or {}
     agent_info = {"pid": agent["pid"], "uptime": agent["uptime"],
-                  "last_reconcile": data.get("last_reconcile"),
-                  "last_result": data.get("last_result"), "watch": data.get("watch")}
+                  "last_reconcile": _text(data.get("last_reconcile")),
+                  "last_result": _text(data.get("last_result")), "watch": data.get("watch")}
     keys = ("state", "pid", "uptime", "restarts", "failures", "last_exit", "pending_restart",
             "next_start_in", "degraded_reason", "last_failure", "adopted")
-    return agent_info, {k: svc.get(k) for k in keys}
+    return agent_info, _typed({k: svc.get(k) for k in keys})
+
+
+def _typed(svc: dict[str, Any]) -> dict[str, Any]:
+    """service.json is the agent's, but a reader never trusts its types (hand-edited,
+    truncated, another version's): text fields one bounded line, numbers numbers."""
+    out = dict(svc)
+    for k in ("state", "degraded_reason", "last_failure"):
+        out[k] = _text(out.get(k))
+    for k in ("pid", "uptime", "restarts", "failures", "next_start_in"):
+        if not isinstance(out.get(k), (int, float)) or isinstance(out.get(k), bool):
+            out[k] = None
+    for k in ("last_exit", "pending_restart"):
+        if not isinstance(out.get(k), dict):
+            out[k] = None
+    return out
+
+
+def _text(value: Any, limit: int = 500) -> str | None:
+    """A value from a state file as one bounded line (None stays None)."""
+    if value is None:
+        return None
+    text = " ".join(str(value).split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def verdict(config: Config, comps: dict[str, dict[str, Any]],
@@ -127,7 +154,7 @@ def collect(config: Config, gpu: bool | None = None) -> dict[str, Any]:
             "state": obs.state.value,
             "timestamp": obs.marker.timestamp if obs.marker else None,
             "version": obs.marker.meta.get("version") if obs.marker else None,
-            "reason": redact(obs.reason),
+            "reason": redact(_text(obs.reason, 2000) or ""),
             "log": str(comp.log) if comp.kind != "overall" else None,
             "required": comp.required,
             "background": comp.background,
