@@ -147,17 +147,26 @@ class _Loader(yaml.SafeLoader):
 
 
 def _construct_map(loader: _Loader, node: yaml.MappingNode) -> _Map:
-    loader.flatten_mapping(node)
+    explicit = sum(1 for key_node, _ in node.value if key_node.tag != "tag:yaml.org,2002:merge")
+    loader.flatten_mapping(node)  # the pairs merged in by `<<` come first
+    merged = len(node.value) - explicit
     out = _Map()
     out.where = (loader.name, node.start_mark.line + 1)
     out.src = {}
-    for key_node, value_node in node.value:
+    from_merge: set[str] = set()
+    for index, (key_node, value_node) in enumerate(node.value):
         key = loader.construct_object(key_node, deep=True)
         line = key_node.start_mark.line + 1
         if not isinstance(key, str):
             raise ConfigError(f"{loader.name}:{line}: a key must be text, got {_show(key)} "
                               "(quote it, or fix the indentation)")
-        if key in out:
+        if index < merged:  # YAML merge: the first mapping that has the key wins ...
+            if key in out:
+                continue
+            from_merge.add(key)
+        elif key in from_merge:  # ... and a key written here wins over every merged one
+            from_merge.discard(key)
+        elif key in out:
             raise ConfigError(f"{loader.name}:{line}: duplicate key {_show(key)}")
         out[key] = loader.construct_object(value_node, deep=True)
         out.src[key] = (loader.name, line)
@@ -194,15 +203,15 @@ def _line_of(data: bytes | str, offset: int) -> int:
 def read_text(path: Path, what: str = "config file") -> str:
     """The text of a config file: a regular file, at most MAX_CONFIG_BYTES, UTF-8, no control
     characters. Anything else is a one-line ConfigError naming the file (and the line)."""
+    problem = _path_problem(str(path))
+    if problem:
+        raise ConfigError(f"{_show(str(path))}: the path of the {what}: {problem}")
     try:
         st = os.stat(path)
     except (FileNotFoundError, NotADirectoryError):
         raise ConfigError(f"{path}: {what} not found") from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read {what}: {exc.strerror}") from None
-    except ValueError:  # a NUL byte in the path
-        raise ConfigError(f"{_show(str(path))}: the path of the {what} contains a NUL "
-                          "byte") from None
     if stat.S_ISDIR(st.st_mode):
         raise ConfigError(f"{path}: is a directory; the {what} must be a YAML file")
     if not stat.S_ISREG(st.st_mode):
