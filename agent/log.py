@@ -8,7 +8,9 @@ values in tracebacks could carry tokens.
 from __future__ import annotations
 
 import logging
+import os
 import sys
+import time
 from pathlib import Path
 
 from loguru import logger
@@ -61,6 +63,40 @@ class InterceptHandler(logging.Handler):
         logger.opt(depth=depth, exception=record.exc_info).log(level, record.getMessage())
 
 
+ROOM_FLOOR = 256 * 1024  # bytes: below this free, file sinks pause instead of failing per record
+_room: dict[str, tuple[float, bool]] = {}  # folder -> (when checked, has room)
+
+
+def has_room(folder: Path) -> bool:
+    """Whether a log file in folder can be written: not a read-only mount, not a full disk.
+    Checked at most once a second per folder. A file sink whose folder has no room skips its
+    records (one line on stderr when that starts and ends) instead of making loguru print a
+    traceback for every record."""
+    key = str(folder)
+    now = time.monotonic()
+    seen = _room.get(key)
+    if seen is not None and now - seen[0] < 1.0:
+        return seen[1]
+    try:
+        st = os.statvfs(key)
+        ok = not st.f_flag & os.ST_RDONLY and st.f_bavail * st.f_frsize >= ROOM_FLOOR
+    except OSError:
+        ok = True  # a folder that vanished: the sink (watch=True) recreates it
+    if seen is not None and seen[1] != ok:
+        sys.stderr.write(f"log: {key}: " + ("room again: writing log files again\n" if ok else
+                         "the disk is full or read-only: log files are not written until "
+                         "there is room\n"))
+    elif seen is None and not ok:
+        sys.stderr.write(f"log: {key}: the disk is full or read-only: log files are not "
+                         "written until there is room\n")
+    _room[key] = (now, ok)
+    return ok
+
+
+def _with_room(folder: Path, inner):
+    return lambda record: inner(record) and has_room(folder)
+
+
 def configure(level: str = "INFO", file: Path | None = None, stderr: bool = True,
               rotation: str = "20 MB", retention: int = 5) -> None:
     """(Re)configure sinks. Safe to call more than once."""
@@ -76,7 +112,7 @@ def configure(level: str = "INFO", file: Path | None = None, stderr: bool = True
         file.parent.mkdir(parents=True, exist_ok=True)
         logger.add(file, level="DEBUG", format=fmt, rotation=rotation, retention=retention,
                    diagnose=False, backtrace=False, enqueue=False, watch=True,
-                   filter=_not_health)
+                   filter=_with_room(file.parent, _not_health))
     if not _configured:
         logging.basicConfig(handlers=[InterceptHandler()], level=logging.INFO, force=True)
         for name in ("apscheduler", "watchdog", "git"):
@@ -106,8 +142,8 @@ def health_report(path: Path, max_size: str = "10 MB", retention: int = 5) -> No
     close_health_report()
     path.parent.mkdir(parents=True, exist_ok=True)
     _health_sink = logger.add(
-        path, level="DEBUG", format="{extra[" + HEALTH_KEY + "]}", filter=_health_only,
-        rotation=max_size, retention=retention, watch=True, enqueue=False, diagnose=False,
+        path, level="DEBUG", format="{extra[" + HEALTH_KEY + "]}",
+        filter=_with_room(path.parent, _health_only), rotation=max_size, retention=retention, watch=True, enqueue=False, diagnose=False,
         backtrace=False, catch=True)
 
 
@@ -116,6 +152,6 @@ def close_health_report() -> None:
     if _health_sink is not None:
         try:
             logger.remove(_health_sink)
-        except ValueError:
+        except (ValueError, OSError):  # OSError: the last flush hit a full disk
             pass
         _health_sink = None
