@@ -288,6 +288,8 @@ def render_status(data: dict[str, Any]) -> str:
         lines += ["", f"AGENT     pid {agent['pid']}  up {_age(agent.get('uptime'))}  last "
                       f"reconcile {agent.get('last_reconcile') or '-'} "
                       f"({agent.get('last_result') or '-'})"]
+        if agent.get("http"):
+            lines.append(f"HTTP      {agent['http'].get('detail')}")
         if cui:
             last = cui.get("last_exit") or {}
             text = (f"COMFYUI   {cui.get('state', '?').upper()}  pid {cui.get('pid') or '-'}  "

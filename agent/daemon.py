@@ -4,8 +4,8 @@ Threads: the main thread (housekeeping every 0.25 s: debounced node changes, wat
 SIGHUP reload, orphan reaping as PID 1, state files), the supervisor's tick thread, two reconcile
 workers (foreground components, then background ones), the watchdog observer, APScheduler's
 timer and worker threads (periodic reconcile, one job per health check: agent/health.py) and the
-HTTP endpoint's thread (agent/http.py). Everything that wants work done calls `request`; nothing
-else installs.
+HTTP endpoint's threads (agent/http.py: one accepting, a fixed pool of workers). Everything
+that wants work done calls `request`; nothing else installs.
 """
 
 from __future__ import annotations
@@ -174,6 +174,7 @@ class Daemon:
     def _after_fg(self, rec: Reconciler, report: Report, batch: Batch) -> None:
         self.api.metrics.on_reconcile(rec.phase, rec.last)
         self._write_agent_state()
+        self.api.status_changed()  # /status: observe again (in the background)
         if not self._comfy_started:
             if self._required_ok():
                 self._start_comfyui("required components installed")
@@ -193,6 +194,7 @@ class Daemon:
     def _after_bg(self, rec: Reconciler, report: Report, batch: Batch) -> None:
         self.api.metrics.on_reconcile(rec.phase, rec.last)
         self._write_agent_state()
+        self.api.status_changed()
         changed = self._restart_worthy(report)
         if changed:
             self._snapshot_nodes()
@@ -407,7 +409,7 @@ class Daemon:
                                       name="supervisor",
                                       daemon=True)
         try:
-            self.http_info = self.api.start_http()
+            self.api.start_http()  # sets self.http_info, now and when a retry binds
             self.watcher.start()
             self.fg.start()
             self.bg.start()

@@ -1,9 +1,11 @@
 """Prometheus metrics for `GET /metrics`, on a CollectorRegistry of our own (never the global
 default one): counters and histograms fed as things happen, plus a collector that reads the
-current state (ComfyUI, components, checks) at scrape time."""
+current state (ComfyUI, components, checks) at scrape time. A rendering is reused for
+RENDER_MAX_AGE seconds: any number of concurrent scrapes cost at most one rendering a second."""
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
@@ -17,6 +19,7 @@ from agent.model import State
 COMFYUI_STATES = ("stopped", "starting", "running", "backoff", "stopping", "degraded")
 CHECK_STATUSES = ("ok", "warn", "fail", "skip")
 VERDICTS = ("healthy", "degraded", "failing")
+RENDER_MAX_AGE = 1.0
 
 
 @dataclass
@@ -32,6 +35,7 @@ class Sources:
     verdict: Callable[[], str | None]
     job_events: Callable[[], Mapping[str, int]]
     observer_restarts: Callable[[], int]
+    http: Callable[[], Mapping[str, int]] | None = None  # the endpoint's connection counts
 
 
 class _State:
@@ -115,6 +119,15 @@ class _State:
         yield ev
         yield CounterMetricFamily("pod_agent_watch_observer_restarts", "Restarts of a dead "
                                   "watchdog observer.", value=float(src.observer_restarts()))
+        if src.http is not None:
+            conn = CounterMetricFamily("pod_agent_http_connections", "Connections to this "
+                                       "endpoint: served (by a worker), busy (503 at once: "
+                                       "every worker busy and the queue full), overdue (cut "
+                                       "at the request deadline).", labels=["result"])
+            counts = src.http()
+            for result in ("served", "busy", "overdue"):
+                conn.add_metric([result], float(counts.get(result, 0)))
+            yield conn
 
 
 class Metrics:
@@ -134,6 +147,8 @@ class Metrics:
             "pod_agent_reconcile_duration_seconds", "Reconcile run time by phase.", ["phase"],
             buckets=(0.1, 0.5, 1, 5, 15, 60, 300, 900, 3600), registry=r)
         r.register(_State(sources))
+        self._render_lock = threading.Lock()
+        self._rendered: tuple[float, bytes] | None = None
 
     def on_check(self, entry: Mapping[str, Any]) -> None:
         name, status = entry.get("check", "?"), entry.get("status", "?")
@@ -152,5 +167,12 @@ class Metrics:
                                    "error" if result.startswith("error") else "failed").inc()
         self.reconcile_duration.labels(phase).observe(float(last.get("duration") or 0.0))
 
-    def render(self) -> bytes:
-        return generate_latest(self.registry)
+    def render(self, max_age: float = RENDER_MAX_AGE) -> bytes:
+        """The text format; concurrent scrapes wait for one rendering and share it."""
+        with self._render_lock:
+            now = time.monotonic()
+            if self._rendered is not None and now - self._rendered[0] < max_age:
+                return self._rendered[1]
+            body = generate_latest(self.registry)
+            self._rendered = (now, body)
+            return body

@@ -87,7 +87,8 @@ def service(config: Config, procs_: list[dict[str, Any]]) -> tuple[dict | None, 
     svc = read_json(config.runtime_dir / "service.json") or {}
     agent_info = {"pid": agent["pid"], "uptime": agent["uptime"],
                   "last_reconcile": _text(data.get("last_reconcile")),
-                  "last_result": _text(data.get("last_result")), "watch": data.get("watch")}
+                  "last_result": _text(data.get("last_result")), "watch": data.get("watch"),
+                  "http": http_endpoint(config, agent["pid"])}
     keys = ("state", "pid", "uptime", "restarts", "failures", "last_exit", "pending_restart",
             "next_start_in", "degraded_reason", "last_failure", "adopted")
     return agent_info, _typed({k: svc.get(k) for k in keys})
@@ -114,6 +115,16 @@ def _text(value: Any, limit: int = 500) -> str | None:
         return None
     text = " ".join(str(value).split())
     return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def http_endpoint(config: Config, pid: int | None) -> dict[str, Any]:
+    """The running agent's HTTP endpoint: listening, or not listening and retrying (http.json,
+    written by that agent; agent/http.py `describe`)."""
+    from agent.http import HTTP_FILE, describe
+
+    info = read_json(config.runtime_dir / HTTP_FILE)
+    return describe(info if info and info.get("pid") == pid else None,
+                    bool(config.http.get("enabled", True)))
 
 
 def verdict(config: Config, comps: dict[str, dict[str, Any]],

@@ -6,8 +6,11 @@ supervises or heals the pod."""
 
 from __future__ import annotations
 
+import os
+
 from agent.checks.base import CheckCtx, Result
 from agent.checks.comfyui import agent_running
+from agent.status import http_endpoint
 
 RECONCILE_WARN_AFTER = 3  # passes in a row that did not converge before the check warns
 
@@ -19,6 +22,11 @@ def check(ctx: CheckCtx) -> Result:
         if data is None:
             return Result("warn", "pod-agent is not running for this workspace: nothing "
                                   "supervises ComfyUI or heals the pod", actionable=False)
+        http = http_endpoint(ctx.config, data.get("pid"))
+        if http["state"] == "retrying":  # configured but not listening
+            return Result("warn", f"pod-agent running (pid {data.get('pid')}); HTTP endpoint "
+                                  f"{http['detail']}", data={"pid": data.get("pid"),
+                                                             "http": http}, actionable=False)
         return Result("ok", f"pod-agent running (pid {data.get('pid')})",
                       data={"pid": data.get("pid")})
     notes, status, action = [], "ok", None
@@ -54,6 +62,11 @@ def check(ctx: CheckCtx) -> Result:
             status = "fail" if crashed else ("warn" if status == "ok" else status)
             notes.append(f"the {last.get('phase')} reconcile has not converged {runs} passes in a "
                          f"row (since {last.get('failing_since')}): {last.get('result')}")
+    http = http_endpoint(ctx.config, os.getpid())
+    if http["state"] == "retrying":  # configured but not listening (agent/http.py retries)
+        status = "warn"
+        data["http"] = http
+        notes.append(f"HTTP endpoint {http['detail']}")
     overruns = ctx.memo.get("overruns")
     if overruns:
         status = "warn"
