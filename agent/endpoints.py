@@ -24,6 +24,7 @@ from agent.health import iso
 from agent.http import HTTP_FILE, Api, HttpServer
 from agent.markers import atomic_write
 from agent.metrics import Metrics, Sources
+from agent.redact import redact
 
 if TYPE_CHECKING:
     from agent.daemon import Daemon
@@ -75,7 +76,7 @@ class Observed:
             try:
                 value, error = self._compute(), None
             except Exception as exc:  # noqa: BLE001 - reported to readers, never raised
-                value, error = None, f"{type(exc).__name__}: {exc}"[:300]
+                value, error = None, redact(f"{type(exc).__name__}: {exc}")[:300]
             with self._cond:
                 self.computations += 1
                 if error is None:

@@ -46,6 +46,8 @@ from urllib.parse import parse_qs, urlsplit
 
 from loguru import logger
 
+from agent.redact import redact
+
 NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 LENGTH_RE = re.compile(r"^[0-9]{1,18}$")
 MAX_BODY = 64 * 1024
@@ -342,7 +344,7 @@ class _Handler(BaseHTTPRequestHandler):
         except Exception as exc:  # noqa: BLE001 - one request never takes the server down
             logger.warning(f"http: {path[:100]} failed: {type(exc).__name__}: {exc}")
             code, ctype, headers = 500, "application/json", None
-            body = _dumps({"error": f"{type(exc).__name__}: {exc}"[:300]})
+            body = _dumps({"error": redact(f"{type(exc).__name__}: {exc}")[:300]})
         self._send(code, body, ctype, headers)
 
     def _route(self, path: str) -> tuple[int, bytes, str, dict | None]:
@@ -394,7 +396,7 @@ class _Handler(BaseHTTPRequestHandler):
                 code, data = 202, api.restart(urgent)
         except Exception as exc:  # noqa: BLE001
             logger.warning(f"http: {path[:100]} failed: {type(exc).__name__}: {exc}")
-            code, data = 500, {"error": f"{type(exc).__name__}: {exc}"[:300]}
+            code, data = 500, {"error": redact(f"{type(exc).__name__}: {exc}")[:300]}
         self._json(code, data)
 
     def _authorized(self, api: Api) -> bool:
