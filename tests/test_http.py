@@ -247,6 +247,7 @@ def served():
         stub = Stub(TOKEN)
         server = HttpServer(api or stub.api(), "127.0.0.1", 0, **kw)
         servers.append(server)
+        stub.server = server
         return stub, server.start()[1]
 
     yield make
@@ -392,11 +393,16 @@ def test_a_trickling_client_is_cut_at_the_request_deadline(served, monkeypatch):
 
 
 def test_connections_beyond_the_pool_and_queue_get_503_at_once(served):
-    _, port = served(workers=1, queue_max=1)
-    held = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(2)]
+    stub, port = served(workers=1, queue_max=1)
+    inner = stub.server._server
+    held: list[socket.socket] = []
     try:
-        for sock in held:  # the worker waits for the rest of the first request; one queued
-            sock.sendall(b"GET /healthz HTTP/1.1\r\n")
+        # the worker waits for the rest of the first request; the second waits in the queue
+        for n, ready in ((1, lambda: len(inner._active) == 1),
+                         (2, lambda: inner._queue.qsize() == 1)):
+            held.append(socket.create_connection(("127.0.0.1", port), timeout=5))
+            held[-1].sendall(b"GET /healthz HTTP/1.1\r\n")
+            wait_for(ready, 5, what=f"connection {n} taken")
         answer, closed, took = exchange(port, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
         assert code_of(answer) == 503 and b"Retry-After" in answer and closed and took < 1
         for sock in held:
