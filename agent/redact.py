@@ -29,6 +29,7 @@ errs on the side of masking.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import threading
@@ -49,6 +50,7 @@ _SECRET_NAME = re.compile(
 _NOT_SECRET_NAMES = frozenset({"pwd", "oldpwd"})
 
 
+@functools.lru_cache(maxsize=4096)
 def secret_name(name: str) -> bool:
     """Whether an environment key, a flag or a JSON key names a secret."""
     norm = re.sub(r"[-.]", "_", name.strip().lstrip("-").lower())
