@@ -51,7 +51,8 @@ from agent.redact import redact
 NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 LENGTH_RE = re.compile(r"^[0-9]{1,18}$")
 MAX_BODY = 64 * 1024
-BACKLOG = 128  # the stdlib's 5 made 91 of 200 concurrent requests time out
+BACKLOG = 512  # the stdlib's 5 made 91 of 200 concurrent requests time out; 128 still overflowed
+# now and then while the workers held the GIL (a 1 s SYN retransmit for the client)
 WORKERS = 8
 QUEUE_MAX = 256  # accepted connections waiting for a worker; beyond: 503 at once
 SOCKET_TIMEOUT = 5.0  # one read or write
