@@ -34,6 +34,7 @@ import urllib.request
 from pathlib import Path
 from urllib.parse import quote
 
+import psutil
 import pytest
 
 from tests.helpers import run_cli, wait_for
@@ -191,6 +192,17 @@ def http(url: str, method: str = "GET", token: str | None = None) -> tuple[int, 
         return exc.code, exc.read().decode("utf-8", "replace")
 
 
+def log_pipes(log: Path) -> list[psutil.Process]:
+    """Live redactors (agent/logpipe.py) writing to this log."""
+    out = []
+    for proc in psutil.process_iter(["cmdline", "status"]):
+        cmd = proc.info["cmdline"] or []
+        if proc.info["status"] != psutil.STATUS_ZOMBIE and str(log) in cmd and \
+                any(a.endswith("logpipe.py") for a in cmd):
+            out.append(proc)
+    return out
+
+
 def http_info(ws) -> dict | None:
     try:
         return json.loads(next((ws.root / ".pod-agent" / "run").glob("*/http.json")).read_text())
@@ -245,6 +257,7 @@ def test_planted_secrets_never_appear_in_files_or_outputs(aws, tally, flavor):  
     comfy_log = ws.root / "logs" / "comfyui.log"
     wait_for(lambda: comfy_log.is_file() and "env HF_TOKEN=" in comfy_log.read_text(), 10,
              what="ComfyUI's environment printed")
+    assert len(log_pipes(comfy_log)) == 1  # its output goes through the redacting pipe
     tmp = ws.control / ".say"
     tmp.write_text(f"later: {s['comfyui.args flag value']} {s['process env']} "
                    f"{s['comfyui.env']}")
@@ -280,6 +293,7 @@ def test_planted_secrets_never_appear_in_files_or_outputs(aws, tally, flavor):  
     cli("health (agent running)", "health", "--json", expect=(0, 1, 2))
     assert agent.stop(timeout=40) == 0
     outputs["agent stdout/stderr"] = agent.log()
+    wait_for(lambda: not log_pipes(comfy_log), 10, what="ComfyUI's log pipe to end with it")
 
     # 3. The search: every file of the workspace, every output.
     files = list(all_files(ws.root))
