@@ -512,14 +512,15 @@ class Supervisor:
 
         data = b""
         deadline = time.monotonic() + PIPE_START_WAIT
+        poller = select.poll()  # not select(): the agent's fds may number over 1024
+        poller.register(fd, select.POLLIN | select.POLLHUP)
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
                 logger.warning("ComfyUI pid {}: the log pipe did not report within {:g}s", pid,
                                PIPE_START_WAIT)
                 break
-            ready, _, _ = select.select([fd], [], [], left)
-            if not ready:
+            if not poller.poll(left * 1000):
                 continue
             chunk = os.read(fd, 4096)
             if not chunk:

@@ -381,3 +381,19 @@ def test_a_dead_log_pipe_does_not_kill_comfyui_and_is_replaced_by_a_queue_aware_
     assert new != pipe_pid and psutil.Process(new).is_running()
     _say(pod, "the new pipe works")
     wait_for(lambda: "the new pipe works" in pod.log.read_text(), 5)
+
+
+def test_a_comfyui_that_cannot_exec_is_a_failed_start_with_the_reason_in_its_log(pod):
+    from tests.test_supervisor import wait_for
+
+    broken = pod.root / "python-with-a-bad-interpreter"
+    broken.write_text("#!/nonexistent/interpreter\n")
+    broken.chmod(0o755)
+    sup = pod.supervisor(pod.settings(python=broken))
+    sup.start()
+    wait_for(lambda: sup.snapshot()["failures"] == 1, 5, tick=sup)
+    assert sup.snapshot()["last_exit"]["code"] == 127
+    text = pod.log.read_text()
+    assert "pod-agent log pipe: cannot start" in text and "ComfyUI not started" in text
+    sup.stop()
+    assert not pod.procs()  # the redactor ended with the failed start (EOF)
