@@ -65,6 +65,7 @@ class Daemon:
         self._heartbeat = time.monotonic()
         self._sage_flag: bool | None = None  # whether ComfyUI was last started with it
         self.http_info: dict | None = None
+        self.failed: dict[str, str] = {}  # component -> why, from the latest reconcile passes
 
     # ------------------------------------------------------------------ wiring
     def _build(self) -> None:
@@ -171,7 +172,16 @@ class Daemon:
         return [n for n in report.changed
                 if n.startswith("custom_nodes/") or (n in comps and comps[n].restart_comfyui)]
 
+    def _note_failures(self, report: Report) -> None:
+        """Components the last passes could not converge (for /readyz; status has details)."""
+        for o in report.outcomes:
+            if o.status in ("failed", "blocked"):
+                self.failed[o.name] = o.message
+            else:
+                self.failed.pop(o.name, None)
+
     def _after_fg(self, rec: Reconciler, report: Report, batch: Batch) -> None:
+        self._note_failures(report)
         self.api.metrics.on_reconcile(rec.phase, rec.last)
         self._write_agent_state()
         self.api.status_changed()  # /status: observe again (in the background)
@@ -192,6 +202,7 @@ class Daemon:
             self.supervisor.request_restart(why, urgent=False)
 
     def _after_bg(self, rec: Reconciler, report: Report, batch: Batch) -> None:
+        self._note_failures(report)
         self.api.metrics.on_reconcile(rec.phase, rec.last)
         self._write_agent_state()
         self.api.status_changed()

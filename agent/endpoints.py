@@ -161,12 +161,20 @@ class AgentApi:
 
     def ready(self) -> tuple[bool, dict]:
         snap = self.d.supervisor.snapshot()
-        ok = snap.get("state") == "running" and bool(snap.get("ready"))
-        body = {"ready": ok, "state": snap.get("state"), "pid": snap.get("pid")}
+        failed = dict(self.d.failed)
+        comps = self.d.config.components
+        required = sorted(n for n in failed if n in comps and comps[n].required)
+        serving = snap.get("state") == "running" and bool(snap.get("ready"))
+        ok = serving and not required
+        body = {"ready": ok, "state": snap.get("state"), "pid": snap.get("pid"),
+                "failed_components": {n: redact(why)[:200] for n, why in sorted(failed.items())}}
         if not ok:
-            body["reason"] = snap.get("degraded_reason") or snap.get("last_failure") or (
-                "ComfyUI is not managed by this agent (--no-comfyui)"
-                if not self.d.start_comfyui else f"ComfyUI is {snap.get('state')}")
+            body["reason"] = (f"required component {required[0]} failed: "
+                              f"{redact(failed[required[0]])[:200]}" if serving else
+                              snap.get("degraded_reason") or snap.get("last_failure") or (
+                                  "ComfyUI is not managed by this agent (--no-comfyui)"
+                                  if not self.d.start_comfyui
+                                  else f"ComfyUI is {snap.get('state')}"))
         return ok, body
 
     def _collect(self) -> dict:

@@ -21,7 +21,7 @@ def test_a_directory_marker_fails_only_its_component(ws):
     assert runs(ws, "b") == 1 and ws.marker("b").is_file()  # independent: installed
     assert "blocked by a" in out
     line = next(x for x in out.splitlines() if x.startswith("a: failed"))
-    assert "a.done" in line and "move that folder away" in line, line
+    assert "a.done" in line and "is a folder" in line and "move it away" in line, line
     code, data = status(ws)
     assert code == 1 and data["components"]["b"]["state"] == "installed"
     assert data["components"]["a"]["state"] != "installed"
@@ -52,7 +52,7 @@ def test_running_agent_repairs_the_rest_and_health_reports_a_failing_reconcile(w
 
     use(ws, {"a": counting(ws, "a"), "b": counting(ws, "b")},
         agent={"reconcile_interval": 1, "start_comfyui": False},
-        health={"checks": {"agent": {"interval": 1}}})
+        health={"checks": {"agent": {"interval": 1}}}, http={"port": 0})
     ws.markers.mkdir()
     (ws.markers / "a.done").mkdir()
     agent = Agent(ws, "--no-comfyui")
@@ -74,6 +74,18 @@ def test_running_agent_repairs_the_rest_and_health_reports_a_failing_reconcile(w
         entry = wait_for(agent_check, 60, interval=0.5, what="the agent check to warn")
         assert entry["status"] == "warn"
         assert "failed: a" in entry["detail"]
+        # /readyz lists the failing component (it is not required: ComfyUI's readiness rules)
+        info = json.loads(next((ws.root / ".pod-agent" / "run").glob("*/http.json")).read_text())
+        import urllib.error
+        import urllib.request
+
+        try:
+            urllib.request.urlopen(info["url"] + "/readyz", timeout=10)
+            raise AssertionError("/readyz answered 200 without ComfyUI")
+        except urllib.error.HTTPError as exc:
+            code, body = exc.code, json.loads(exc.read())
+        assert code == 503 and "a" in body["failed_components"]
+        assert "a.done" in body["failed_components"]["a"]
         assert "crashed" not in agent.log()
     finally:
         assert agent.stop() == 0
