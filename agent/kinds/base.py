@@ -110,9 +110,9 @@ class Ctx:
 
     # -------------------------------------------------------------- git
     def git(self, comp: Component, args: Sequence[str], title: str, cwd: Path | None = None,
-            timeout: float | None = None) -> None:
+            timeout: float | None = None, env: dict[str, str] | None = None) -> None:
         result = procs.run(["git", *args], log=comp.log, timeout=timeout or comp.timeout,
-                           cwd=cwd, title=title)
+                           cwd=cwd, title=title, env=env)
         if not result.ok:
             why = "timed out" if result.timed_out else f"exit {result.returncode}"
             text = procs.tail(comp.log, 5)

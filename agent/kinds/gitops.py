@@ -109,7 +109,8 @@ def ensure_checkout(comp: Component, ctx: Ctx, repo: str, dest: Path, ref: str |
                 args += ["--depth", str(depth)]
             if ref and not is_sha:
                 args += ["--branch", ref]
-            ctx.git(comp, args + ["--", repo, str(tmp)], f"{label}: git clone")
+            url, auth, env = credentials(repo)
+            ctx.git(comp, auth + args + ["--", url, str(tmp)], f"{label}: git clone", env=env)
             if is_sha:
                 ctx.git(comp, ["checkout", "--detach", "--quiet", ref], f"{label}: checkout {ref}",
                         cwd=tmp)
@@ -118,21 +119,60 @@ def ensure_checkout(comp: Component, ctx: Ctx, repo: str, dest: Path, ref: str |
             shutil.rmtree(tmp, ignore_errors=True)
     elif ref and (update or not _at_ref(dest, current, ref)):
         if not (SHA_RE.match(ref) and _has_commit(comp, ctx, dest, ref)):
-            fetch = ["fetch", "--no-progress", "origin", ref]
+            url, auth, env = credentials(repo)
+            fetch = ["fetch", "--no-progress", url, ref]
             if depth:
                 fetch[1:1] = ["--depth", str(depth)]
-            ctx.git(comp, fetch, f"{label}: git fetch {ref}", cwd=dest)
+            ctx.git(comp, auth + fetch, f"{label}: git fetch {ref}", cwd=dest, env=env)
             ref_to = "FETCH_HEAD"
         else:
             ref_to = ref
         ctx.git(comp, ["checkout", "--detach", "--quiet", ref_to], f"{label}: checkout {ref}",
                 cwd=dest)
     elif update and not ref:
-        ctx.git(comp, ["pull", "--ff-only", "--no-progress"], f"{label}: git pull", cwd=dest)
+        url, auth, env = credentials(repo)
+        ctx.git(comp, auth + ["pull", "--ff-only", "--no-progress", url], f"{label}: git pull",
+                cwd=dest, env=env)
     commit = head(dest)
     if commit is None:
         raise InstallError(f"{label}: {dest} has no readable HEAD after checkout")
     return commit
+
+
+def anonymous(url: str) -> str:
+    """url without the credentials of its authority (`https://user:pass@host/x` -> `https://host/x`);
+    git itself records only this form in FETCH_HEAD and the reflog."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return url
+    if not parts.scheme or "@" not in parts.netloc:
+        return url
+    return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
+
+
+GIT_USER_ENV, GIT_PASSWORD_ENV = "POD_AGENT_GIT_USERNAME", "POD_AGENT_GIT_PASSWORD"
+# A credential helper that answers from the environment: the secret never appears in git's
+# argv, its config, its reflog (which records the command line of a pull) or FETCH_HEAD.
+_HELPER = ('!f() { test "$1" = get || exit 0; echo "username=${%s}"; '
+           'test -n "${%s}" && echo "password=${%s}"; }; f'
+           % (GIT_USER_ENV, GIT_PASSWORD_ENV, GIT_PASSWORD_ENV))
+
+
+def credentials(repo: str) -> tuple[str, list[str], dict[str, str] | None]:
+    """(URL without credentials, git options, env) to reach repo. A URL written with
+    `user:password@` is fetched as the bare URL, the credentials handed to git by a helper."""
+    from urllib.parse import unquote, urlsplit
+
+    url = anonymous(repo)
+    if url == repo:
+        return repo, [], None
+    userinfo = urlsplit(repo).netloc.rsplit("@", 1)[0]
+    user, _, password = userinfo.partition(":")
+    return url, ["-c", "credential.helper=", "-c", f"credential.helper={_HELPER}"], {
+        GIT_USER_ENV: unquote(user), GIT_PASSWORD_ENV: unquote(password)}
 
 
 def _at_ref(dest: Path, current: str, ref: str) -> bool:

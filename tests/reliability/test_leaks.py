@@ -176,7 +176,8 @@ def evidence(s: dict[str, str]) -> dict[str, tuple[str, str]]:
         "comfyui.env": ("logs/comfyui.log", "env COMFY_SECRET=***"),
         "comfyui.env URL password with @": ("logs/comfyui.log",
                                             "env PROXY_URL=http://***@proxy.invalid:3128"),
-        "git URL password with @": ("logs/install/private_git.log", "***@localhost"),
+        # git gets the bare URL (credentials through its helper): the clone ran, nothing to mask
+        "git URL password with @": ("logs/install/private_git.log", "-- file://localhost/"),
     }
 
 
