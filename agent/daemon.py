@@ -478,7 +478,7 @@ class Daemon:
         for name in ("agent.json",):
             try:
                 (self.config.runtime_dir / name).unlink()
-            except FileNotFoundError:
+            except OSError:  # gone already, or a folder / read-only: shutdown goes on
                 pass
         self._write_service_stopped()
         self._single.release()
