@@ -466,7 +466,11 @@ def _check(m: _Map, key: str, value: Any, typ: str, who: str, ctx: _Ctx,
         return None if value is None else _check(m, key, value, "str", who, ctx)
     if typ == "path":
         path = _check(m, key, value, "str", who, ctx)
-        return Path(_check_path(m, key, path, who)).expanduser()
+        try:
+            return Path(_check_path(m, key, path, who)).expanduser()
+        except RuntimeError:  # `~name/...` for a user that does not exist
+            raise _fail(m, key, who, f"'{key}': cannot expand {_show(path)}: no such user "
+                        "(or no home folder)") from None
     if typ == "opt_path":
         return None if value is None else _check(m, key, value, "path", who, ctx)
     if typ == "bool":
@@ -506,8 +510,8 @@ def _check(m: _Map, key: str, value: Any, typ: str, who: str, ctx: _Ctx,
                 raise _fail(m, key, who, f"'{key}': {_show(k)} is not a valid environment "
                             "variable name (empty, or contains '=')")
             if not isinstance(v, (str, int, float, bool)):
-                raise _fail(value if isinstance(value, _Map) else m, k, who, f"'{key}': the value of {_show(k)} must be a "
-                            f"string, got {_show(v)}")
+                raise _fail(value if isinstance(value, _Map) else m, k, who,
+                            f"'{key}': the value of {_show(k)} must be a string, got {_show(v)}")
         return {str(k): ctx.expand(str(v)) for k, v in value.items()}
     if typ.startswith("enum:"):
         choices = typ[5:].split("|")
@@ -648,7 +652,8 @@ HTTP_FIELDS = {
     "token": ("opt_str", None),  # bearer token for POST endpoints; env POD_AGENT_HTTP_TOKEN wins
 }
 
-SIZE_RE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|KiB|MiB|GiB)\s*", re.IGNORECASE)  # fullmatch
+SIZE_RE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|KiB|MiB|GiB)\s*",  # fullmatch
+                     re.IGNORECASE)
 
 
 COMMON_FIELDS = {
@@ -690,7 +695,13 @@ def _workspace_path(raw: Any, m: _Map | None, key: str = "workspace") -> Path:
         place = f"{m.src.get(key, m.where)[0]}:{m.src.get(key, m.where)[1]}: config: " \
             if m is not None else ""
         raise ConfigError(f"{place}workspace {_show(str(raw))}: {problem}")
-    return Path(raw).expanduser().absolute()
+    try:
+        return Path(raw).expanduser().absolute()
+    except RuntimeError:  # `~name/...` for a user that does not exist
+        place = f"{m.src.get(key, m.where)[0]}:{m.src.get(key, m.where)[1]}: config: " \
+            if m is not None else ""
+        raise ConfigError(f"{place}workspace {_show(str(raw))}: cannot expand '~': no such "
+                          "user (or no home folder)") from None
 
 
 def _overlay_exists(path: Path) -> bool:

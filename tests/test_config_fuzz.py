@@ -176,6 +176,8 @@ CASES = [
     ("path-part-too-long", HEAD + "state_dir: /tmp/" + "s" * 300 + "\n", 3,
      "each part of a path is at most 255 bytes"),
     ("multi-document", HEAD + "---\nx: 1\n", 3, "invalid YAML"),
+    ("unknown-user", COMP + '  g: {kind: git, repo: r, dest: "~nosuchuser/x"}\n', 4,
+     "'dest': cannot expand '~nosuchuser/x': no such user"),
 ]
 
 
@@ -340,7 +342,8 @@ def test_bad_workspace_values(tmp_path):
     for workspace, problem in [("/tmp/a\0b", "control character"),
                                ("/tmp/" + "w" * 300, "at most 255 bytes"),
                                ("/tmp/" + "w/" * 2100, "at most 4095 bytes"),
-                               ("/tmp/a\nb", "control character")]:
+                               ("/tmp/a\nb", "control character"),
+                               ("~nosuchuser/ws", "cannot expand '~': no such user")]:
         message = load_error(base, workspace)
         assert message.startswith("workspace ") and problem in message, message
     base.write_text(HEAD + 'workspace: "/tmp/\\x1b"\n')
