@@ -120,7 +120,15 @@ class Executor:
         except Exception as exc:  # noqa: BLE001 - as in _step
             reason = explain(exc)
             self.progress(f"{what}: failed: {reason}")
-            return [Outcome(what, "failed", redact(reason))]
+            # named after the component when there is one, and shown: `install` must not say
+            # "Nothing to do" (exit 0) when the overall marker could not be written
+            names = [n for n, c in self.config.components.items()
+                     if c.kind == "overall" and c.enabled] if what == "overall" else []
+            outcomes = [Outcome(n, "failed", redact(reason)) for n in names or [what]]
+            for outcome in outcomes:
+                if self.reporter:
+                    self.reporter.end(outcome)
+            return outcomes
 
     # ------------------------------------------------------------------ one step
     def _blocked_by(self, step: Step, status: dict[str, str]) -> str | None:
