@@ -139,7 +139,11 @@ def verdict(config: Config, comps: dict[str, dict[str, Any]],
         return "broken"
     if comfyui and comfyui.get("state") in ("degraded", "backoff"):
         return "degraded"
-    return "degraded" if bad else "healthy"
+    # an overall marker that cannot be what it should (a folder at its path): old scripts that
+    # test for the file see an unfinished install, so the workspace is not healthy
+    derived_bad = any(c["state"] == State.BROKEN.value for n, c in comps.items()
+                      if config.components[n].kind == "overall")
+    return "degraded" if bad or derived_bad else "healthy"
 
 
 def health_summary(config: Config) -> dict[str, Any] | None:
