@@ -389,7 +389,7 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             if is_reinstall:
                 name = segs[2]
-                code, data = api.reinstall(name) if NAME_RE.match(name) else \
+                code, data = api.reinstall(name) if NAME_RE.fullmatch(name) else \
                     (404, {"error": "no such component"})
             else:
                 query = parse_qs(parts.query)

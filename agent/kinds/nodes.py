@@ -54,7 +54,7 @@ def validate(values: dict[str, Any], expand: Callable[[str], str]) -> dict[str, 
                        f"(known: {', '.join(sorted(_NODE_KEYS))})", index=i)
         repo = expand(str(item["repo"]))
         name = str(item.get("name") or gitops.repo_name(repo))
-        if not _NAME_RE.match(name) or name in (".", ".."):
+        if not _NAME_RE.fullmatch(name) or name in (".", ".."):
             raise _err(f"nodes[{i}]: cannot use {name!r} as a folder name; set 'name'",
                        index=i)
         if name in seen:
