@@ -280,3 +280,19 @@ def test_an_oserror_reaching_the_cli_is_one_line_exit_1(ws, tmp_path):
     assert proc.returncode == 1 and len(proc.stderr.splitlines()) == 1
     assert proc.stderr.startswith("error: /proc/pod-agent-ws: cannot create the workspace")
     assert tree_snapshot(tmp_path / "ws") == snapshot
+
+
+def test_a_sage_probe_that_cannot_write_its_log_fails_in_one_line(ws, tmp_path, monkeypatch):
+    from tests.test_health import Recorder, configure, sage_marker, set_fakes
+
+    monkeypatch.setenv("POD_AGENT_GPU", "1")
+    fakes = tmp_path / "fakes"
+    set_fakes(fakes, sage="ok")
+    cfg = configure(ws, fakes)
+    sage_marker(cfg)
+    log = ws.root / "logs" / "sageattention-probe.log"
+    log.mkdir(parents=True)  # a folder where the probe's log goes
+    entry = health.Monitor(cfg, Recorder().hooks()).run("sageattention")
+    assert entry["status"] == "fail" and entry["action"] == "none"
+    assert entry["detail"].startswith(f"cannot run the probe: {log}: Is a directory")
+    assert "crashed" not in entry["detail"] and "\n" not in entry["detail"]

@@ -241,7 +241,13 @@ def check(ctx: CheckCtx) -> Result:
                         actionable=entry.get("actionable", True))
     else:
         timeout = round(ctx.remaining(1.0), 1)
-        code, timed_out, events = run_probe(config, timeout, s["tolerance"])
+        try:
+            code, timed_out, events = run_probe(config, timeout, s["tolerance"])
+        except OSError as exc:  # its log cannot be written (a full or read-only volume)
+            from agent.fserr import describe
+
+            return Result("fail", f"cannot run the probe: {describe(exc)}", actionable=False,
+                          data={"fingerprint": fp})
         result, definitive = interpret(code, timed_out, events, timeout, str(python))
         if definitive:
             _save_cache(config, fp, result)
