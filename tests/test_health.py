@@ -605,7 +605,7 @@ def test_disk_and_gpu_checks(ws, tmp_path):
                    "echo '1, NVIDIA H200, 0, 0, 143771, 40'\n" % tmp_path)
     smi.chmod(0o755)
     cfg = configure(ws, checks={"gpu": {"nvidia_smi": str(smi)},
-                                "disk": {"warn_free_gb": 1e9, "fail_free_gb": 0}})
+                                "disk": {"warn_free_gb": 1e6, "fail_free_gb": 0}})
     monitor = h.Monitor(cfg)
     hot = monitor.run("gpu")
     assert hot["status"] == "warn" and "GPU0 at 91 C" in hot["detail"]
@@ -616,8 +616,8 @@ def test_disk_and_gpu_checks(ws, tmp_path):
     cfg.health["checks"]["gpu"]["nvidia_smi"] = str(tmp_path / "absent")
     assert monitor.run("gpu")["status"] == "skip"
     disk = monitor.run("disk")
-    assert disk["status"] == "warn" and "below 1e+09 GiB" in disk["detail"]
-    cfg.health["checks"]["disk"]["fail_free_gb"] = 1e9
+    assert disk["status"] == "warn" and "below 1e+06 GiB" in disk["detail"]
+    cfg.health["checks"]["disk"]["fail_free_gb"] = 1e6
     assert monitor.run("disk")["status"] == "fail"
 
 
@@ -635,12 +635,12 @@ def test_cli_health_now_latest_json_and_exit_codes(ws):
     ok = run_cli("health", "--now", "--check", "disk", *ws.args())
     assert ok.returncode == 0, ok.stderr
     assert ok.stdout.startswith("health: HEALTHY") and "disk " in ok.stdout
-    disk(1e9, 0)
+    disk(1e6, 0)
     warn = run_cli("health", "--now", "--check", "disk", "--json", *ws.args())
     assert warn.returncode == 1
     data = json.loads(warn.stdout)
     assert data["verdict"] == "degraded" and data["checks"]["disk"]["status"] == "warn"
-    disk(1e9, 1e9)
+    disk(1e6, 1e6)
     assert run_cli("health", "--now", "--check", "disk", *ws.args()).returncode == 2
     latest = run_cli("health", "--check", "disk", "--json", *ws.args())  # no --now: the file
     assert latest.returncode == 2 and json.loads(latest.stdout)["checks"]["disk"]["status"] \
