@@ -61,7 +61,7 @@ def _crash_log(exc: BaseException) -> str:
             folder.mkdir(parents=True, exist_ok=True)
             path = folder / "pod-agent-crash.log"
             with open(path, "a") as fh:
-                fh.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(sys.argv)}\n")
+                fh.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {redact(' '.join(sys.argv))}\n")
                 fh.write(redact("".join(traceback.format_exception(exc))))
             return str(path)
         except OSError:

@@ -25,6 +25,7 @@ from agent.checks import sage
 from agent.config import load
 from agent.endpoints import AgentApi
 from agent.execute import Report
+from agent.fserr import describe
 from agent.health import Hooks, Monitor, report_path
 from agent.kinds.base import Ctx
 from agent.markers import atomic_write
@@ -65,6 +66,7 @@ class Daemon:
         self._heartbeat = time.monotonic()
         self._sage_flag: bool | None = None  # whether ComfyUI was last started with it
         self.http_info: dict | None = None
+        self._state_write_failed = False
         self.failed: dict[str, str] = {}  # component -> why, from the latest reconcile passes
 
     # ------------------------------------------------------------------ wiring
@@ -386,7 +388,13 @@ class Daemon:
             atomic_write(sd / "service.json",
                          json.dumps(snap or self.supervisor.snapshot(), indent=1))
         except OSError as exc:
-            logger.warning(f"cannot write agent state: {exc}")
+            if not self._state_write_failed:  # once until it works again, not every 10 s
+                logger.warning(f"cannot write the agent's state files: {describe(exc)}")
+            self._state_write_failed = True
+            return
+        if self._state_write_failed:
+            logger.info("the agent's state files are written again")
+        self._state_write_failed = False
 
     # ------------------------------------------------------------------ run
     def _signals(self) -> None:

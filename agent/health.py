@@ -39,6 +39,7 @@ from agent import markers
 from agent.checks import REGISTRY
 from agent.checks.base import STATUSES, CheckCtx, Hooks, Result
 from agent.log import HEALTH_KEY, scrub
+from agent.redact import MIN_REGISTERED
 from agent.markers import atomic_write, read_json
 from agent.model import AgentError, Config
 
@@ -78,7 +79,8 @@ def parse_time(text: Any) -> float:
 def clean(value: Any) -> Any:
     """JSON-safe and secret-free: strings scrubbed, non-finite floats None, paths as text."""
     if isinstance(value, str):
-        return scrub(value) if len(value) >= 6 else value  # nothing shorter can be a secret
+        # nothing shorter than a registered secret can hold one
+        return scrub(value) if len(value) >= MIN_REGISTERED else value
     if isinstance(value, bool) or value is None or isinstance(value, int):
         return value
     if isinstance(value, float):

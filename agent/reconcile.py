@@ -17,6 +17,9 @@ from agent.execute import Executor, Report
 from agent.model import Config
 
 
+RETRY_FIRST = 5.0  # seconds after the first pass that did not converge
+
+
 @dataclass
 class Batch:
     reasons: list[str] = field(default_factory=list)
@@ -49,7 +52,18 @@ class Reconciler:
         # the `agent` health check reports a reconcile that keeps failing
         self.failures = 0
         self.failing_since: str | None = None
+        # a pass that did not converge is tried again on its own (the fault may be gone: a disk
+        # freed, a network back), sooner than the periodic reconcile: RETRY_FIRST s doubling
+        self._retry_at: float | None = None
         self.executor: Executor | None = None
+
+    def retry_delay(self) -> float:
+        """RETRY_FIRST s, doubling with each failed pass, at most the periodic interval."""
+        try:
+            cap = float(self._config().agent["reconcile_interval"])
+        except Exception:  # noqa: BLE001 - a config without it: the default
+            cap = 300.0
+        return min(cap, RETRY_FIRST * 2 ** min(self.failures - 1, 16))
 
     def start(self) -> None:
         self._thread.start()
@@ -79,7 +93,15 @@ class Reconciler:
     def _take(self) -> Batch | None:
         with self._cond:
             while self._batch is None and not self._stop.is_set():
-                self._cond.wait(1.0)
+                now = time.monotonic()
+                if self._retry_at is not None and now >= self._retry_at:
+                    self._retry_at = None
+                    self._batch = Batch(reasons=[f"retry: the last pass did not converge "
+                                                 f"({self.failures}x)"], first=now, last=now,
+                                        settled=True)
+                    break
+                wait = 1.0 if self._retry_at is None else min(1.0, self._retry_at - now)
+                self._cond.wait(max(0.01, wait))
             while self._batch is not None and not self._stop.is_set():
                 now = time.monotonic()
                 due = min(self._batch.last + self.quiet, self._batch.first + self.max_delay)
@@ -112,10 +134,11 @@ class Reconciler:
             self.runs += 1
             stamp = time.strftime("%Y-%m-%d %H:%M:%S")
             if result == "ok" or self._stop.is_set():
-                self.failures, self.failing_since = 0, None
+                self.failures, self.failing_since, self._retry_at = 0, None, None
             else:
                 self.failures += 1
                 self.failing_since = self.failing_since or stamp
+                self._retry_at = time.monotonic() + self.retry_delay()
             self.last = {"time": stamp, "phase": self.phase,
                          "result": result, "duration": round(time.monotonic() - start, 2),
                          "changed": report.changed, "failures_in_a_row": self.failures,

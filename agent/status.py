@@ -36,14 +36,16 @@ def processes(config: Config, installing: list[str] | None = None) -> list[dict[
     """The agent, ComfyUI and installers in progress (`installing`: the components whose lock
     is held, when the caller already knows; else every lock is checked)."""
     out: list[dict[str, Any]] = []
+    # a pid alone proves nothing (pids are reused, the file may be hand-written): the files
+    # the agent writes carry the process's start time, and both must match
     agent = read_json(config.runtime_dir / "agent.json")
-    if agent:
+    if agent and agent.get("create_time"):
         info = _process(agent.get("pid"), agent.get("create_time"))
         if info:
             out.append({"role": "agent", **info,
                         **{k: agent.get(k) for k in ("last_reconcile", "last_result")}})
     comfy = read_json(config.runtime_dir / "comfyui.json")
-    if comfy:
+    if comfy and comfy.get("create_time"):
         info = _process(comfy.get("pid"), comfy.get("create_time"))
         if info:
             svc = read_json(config.runtime_dir / "service.json") or {}

@@ -90,3 +90,22 @@ def test_running_agent_repairs_the_rest_and_health_reports_a_failing_reconcile(w
     finally:
         assert agent.stop() == 0
     assert "Traceback" not in agent.log()
+
+
+def test_the_agent_retries_a_failed_pass_on_its_own_once_the_fault_is_gone(ws, tmp_path):
+    """No event and a long periodic interval: a pass that failed is tried again by itself
+    (5 s, doubling), so a fault that goes away (a disk freed, a network back) heals."""
+    from tests.test_daemon import Agent
+
+    fixed = tmp_path / "fixed"  # outside the workspace: no watched event when it appears
+    use(ws, {"flaky": counting(ws, "flaky", extra=f"test -f {fixed}")},
+        agent={"reconcile_interval": 3600}, health={"enabled": False}, http={"enabled": False})
+    agent = Agent(ws, "--no-comfyui")
+    try:
+        wait_for(lambda: runs(ws, "flaky") >= 1, 60, what="the first attempt")
+        fixed.touch()
+        wait_for(lambda: ws.marker("flaky").is_file(), 60, interval=0.2,
+                 what="the retry to install it")
+        assert "retry: the last pass did not converge" in agent.log()
+    finally:
+        assert agent.stop() == 0
