@@ -642,6 +642,8 @@ CHECKS: dict[str, tuple[dict[str, Any], dict[str, tuple[str, Any]], tuple[str, .
     "gpu": ({"interval": 60.0, "timeout": 15.0},
             {"nvidia_smi": ("str", "nvidia-smi"), "warn_temp": ("float", 85.0)}, ("none",)),
     "agent": ({"interval": 10.0, "timeout": 10.0}, {}, ("none",)),
+    # agent/checks/drift.py: WARN for warn_for seconds after the latest drift record
+    "drift": ({"interval": 60.0, "timeout": 10.0}, {"warn_for": ("float", 3600.0)}, ("none",)),
 }
 
 # `http:` - the agent's HTTP endpoint for orchestrators (agent/http.py).

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from loguru import logger
 
+from agent import drift as envdrift
 from agent import log as agent_log
 from agent import procs
 from agent.checks import sage
@@ -41,6 +42,7 @@ MARKER_QUIET = 0.5  # a burst of events ends after this much quiet (or at marker
 HOUSEKEEPING_INTERVAL = 0.25  # node debounce, watch refresh, SIGHUP, reaping, state files
 BOOT_GRACE = 10.0  # seconds before the first health checks: the boot reconcile goes first
 SAGE_COMPONENT = "sageattention"
+DRIFT_REPEATS = 3  # the same drift this many times in a row: reported, no longer re-checked
 
 
 class Daemon:
@@ -68,6 +70,18 @@ class Daemon:
         self.http_info: dict | None = None
         self._state_write_failed = False
         self.failed: dict[str, str] = {}  # component -> why, from the latest reconcile passes
+        # restart decision and drift (agent/drift.py): what the running ComfyUI loaded, the
+        # dists as last known, and how many of the agent's own passes ran an installer
+        self._loaded: tuple | None = None
+        self._baseline: dict[str, str] | None = None
+        self._touched = 0
+        self._baseline_touched = 0
+        self._drift_lock = threading.Lock()
+        self._await_ready = False
+        self._ready_checked_pid: int | None = None
+        self._last_drift_key: str | None = None
+        self._drift_repeats = 0
+        self._history_failed = False
 
     # ------------------------------------------------------------------ wiring
     def _build(self) -> None:
@@ -184,6 +198,7 @@ class Daemon:
 
     def _after_fg(self, rec: Reconciler, report: Report, batch: Batch) -> None:
         self._note_failures(report)
+        self._agent_pass(report)
         self.api.metrics.on_reconcile(rec.phase, rec.last)
         self._write_agent_state()
         self.api.status_changed()  # /status: observe again (in the background)
@@ -198,6 +213,7 @@ class Daemon:
         changed = self._restart_worthy(report)
         if changed:
             self._snapshot_nodes()
+            changed = self._loaded_changed(changed)
         if changed or batch.restart:
             why = ("installed " + ", ".join(changed)) if changed else "; ".join(
                 dict.fromkeys(batch.reasons))
@@ -205,12 +221,15 @@ class Daemon:
 
     def _after_bg(self, rec: Reconciler, report: Report, batch: Batch) -> None:
         self._note_failures(report)
+        self._agent_pass(report)
         self.api.metrics.on_reconcile(rec.phase, rec.last)
         self._write_agent_state()
         self.api.status_changed()
         changed = self._restart_worthy(report)
         if changed:
             self._snapshot_nodes()
+        if changed and self._comfy_started:
+            changed = self._loaded_changed(changed)
         if changed and self._comfy_started:
             self.supervisor.request_restart("installed " + ", ".join(changed), urgent=False)
 
@@ -221,8 +240,10 @@ class Daemon:
         self._snapshot_nodes()
         self._comfy_started = True
         self.supervisor.start()
+        self._after_supervisor_start()
 
     def extra_args(self) -> list[str]:
+        self._before_start()
         flag = self._want_sage_flag()
         self._sage_flag = flag
         return [SAGE_FLAG] if flag else []
@@ -260,8 +281,146 @@ class Daemon:
                 f"sageattention check {entry['status']}: "
                 f"{'without' if self._sage_flag else 'with'} {SAGE_FLAG}", urgent=False)
 
+    # ------------------------------------------------------------------ restart decision, drift
+    def _dists(self) -> dict[str, str] | None:
+        return envdrift.dists(self.config.comfyui.python)
+
+    def _loaded_now(self, dists: dict[str, str] | None = None) -> tuple:
+        return envdrift.loaded(self.config, self.watcher.custom_nodes,
+                               self._dists() if dists is None else dists)
+
+    def _loaded_changed(self, changed: list[str]) -> list[str]:
+        """`changed` when what ComfyUI loads (its HEAD, the custom nodes, the dists) differs from
+        what it was started with; [] (and one log line) when a restart could change nothing."""
+        if self._loaded is None:
+            return changed
+        try:
+            now = self._loaded_now()
+        except Exception as exc:  # noqa: BLE001 - unsure: restart as before
+            logger.warning(f"cannot tell what ComfyUI loads ({exc}): restarting to be sure")
+            return changed
+        what = envdrift.loaded_diff(self._loaded, now)
+        if what:
+            logger.info(f"reinstalled {', '.join(changed)}: changed {'; '.join(what)}: "
+                        "ComfyUI restarts")
+            return changed
+        logger.info(f"reinstalled {', '.join(changed)}: nothing ComfyUI loads changed, "
+                    "no restart needed")
+        return []
+
+    def _agent_pass(self, report: Report) -> None:
+        """A pass that ran an installer may have changed the dists: that is not drift, so the
+        baseline moves to what is there now."""
+        if not any(o.status in ("installed", "failed") for o in report.outcomes):
+            return
+        with self._drift_lock:
+            self._touched += 1
+            now = self._dists()
+            if now is not None:
+                self._baseline, self._baseline_touched = now, self._touched
+
+    def _before_start(self) -> None:
+        """Right before the supervisor spawns ComfyUI: drift since the last look, then what this
+        ComfyUI is started with. Never stops a start."""
+        try:
+            dists = self._drift_check("between checks", None, wait=0.0)
+            self._loaded = self._loaded_now(dists)
+            self._await_ready = True
+        except Exception as exc:  # noqa: BLE001
+            logger.warning(f"drift: cannot read the environment before ComfyUI starts: {exc}")
+
+    def _after_supervisor_start(self) -> None:
+        """An adopted ComfyUI (no spawn, no _before_start): assume it loaded what is there."""
+        if self._loaded is not None:
+            return
+        try:
+            dists = self._dists()
+            self._loaded = self._loaded_now(dists)
+            with self._drift_lock:
+                if self._baseline is None and dists is not None:
+                    self._baseline, self._baseline_touched = dists, self._touched
+        except Exception as exc:  # noqa: BLE001
+            logger.warning(f"drift: cannot read the environment of the adopted ComfyUI: {exc}")
+
+    def _watch_ready(self, snap: dict) -> None:
+        """Housekeeping: once a ComfyUI this agent spawned answers, compare the dists again."""
+        pid = snap.get("pid")
+        if not self._await_ready or snap.get("state") != "running" or not snap.get("ready") \
+                or not pid or pid == self._ready_checked_pid:
+            return
+        self._await_ready = False
+        self._ready_checked_pid = pid
+        self.scheduler.add_job(self._after_ready, args=[pid], id=f"drift-ready-{pid}",
+                               replace_existing=True)
+
+    def _after_ready(self, pid: int) -> None:
+        dists = self._drift_check("during ComfyUI start",
+                                  f"ComfyUI (pid {pid}) or a custom node it loaded", wait=120.0)
+        if dists is not None and self._loaded is not None:
+            # what it imported is what was there once it answered
+            self._loaded = (self._loaded[0], self._loaded[1], tuple(sorted(dists.items())))
+
+    def _drift_between_checks(self) -> None:
+        try:
+            self._drift_check("between checks", None, wait=60.0)
+        except Exception as exc:  # noqa: BLE001 - the periodic reconcile goes on
+            logger.warning(f"drift: check failed: {exc}")
+
+    def _drift_check(self, source: str, by: str | None, wait: float) -> dict[str, str] | None:
+        """Compare the dists with the baseline and move the baseline; report a difference that
+        no install pass of this agent made. Skipped (the baseline kept) while a pass runs and
+        does not end within `wait` s. Returns the dists read (None: not read)."""
+        deadline = time.monotonic() + wait
+        while self.fg.busy or self.bg.busy:
+            if time.monotonic() >= deadline or self.stop_event.wait(0.2):
+                return None
+        with self._drift_lock:
+            if self.fg.busy or self.bg.busy:
+                return None
+            touched = self._touched
+            now = self._dists()
+            if now is None:
+                return None
+            before, self._baseline = self._baseline, now
+            same = touched == self._baseline_touched == self._touched
+            self._baseline_touched = self._touched
+        if before is None or not same:
+            return now
+        d = envdrift.diff(before, now)
+        if not envdrift.empty(d):
+            self._report_drift(source, by, d)
+        return now
+
+    def _report_drift(self, source: str, by: str | None, d: dict) -> None:
+        key = json.dumps(d, sort_keys=True)
+        self._drift_repeats = self._drift_repeats + 1 if key == self._last_drift_key else 1
+        self._last_drift_key = key
+        affected = envdrift.affected(self.config, envdrift.names(d))
+        rec = envdrift.record(source, d, by or "", affected, self._drift_repeats)
+        text = f"environment drift {source}: {rec['summary']}" + (f" (by {by})" if by else "")
+        try:
+            envdrift.append(self.config, rec)
+            self._history_failed = False
+        except OSError as exc:
+            if not self._history_failed:
+                logger.warning(f"cannot write {envdrift.history_path(self.config)}: "
+                               f"{describe(exc)}")
+            self._history_failed = True
+        if self._drift_repeats > DRIFT_REPEATS:
+            logger.warning(f"{text}; the same change {self._drift_repeats} times in a row: not "
+                           "re-checked again (something reverts it each time: see the history)")
+        else:
+            logger.warning(f"{text}; re-checking "
+                           + (", ".join(affected) + " (their requirements name it)"
+                              if affected else "every component"))
+            self.request_reconcile(f"environment drift {source}: {rec['summary']}")
+        health = self.config.health
+        if health["enabled"] and health["checks"]["drift"]["enabled"]:
+            self.health.run("drift")
+
     # ------------------------------------------------------------------ timers
     def periodic_reconcile(self) -> None:
+        self._drift_between_checks()
         self.fg.request("periodic full reconcile")
         self.bg.request("periodic full reconcile")
 
@@ -302,6 +461,7 @@ class Daemon:
         if os.getpid() == 1:
             self._reap_orphans()
         snap = self.supervisor.snapshot()
+        self._watch_ready(snap)
         comparable = {k: v for k, v in snap.items() if k not in ("uptime", "next_start_in")}
         if comparable != self._last_service or time.monotonic() - self._last_state_write > 10:
             self._last_service = comparable

@@ -134,16 +134,18 @@ def test_fresh_volume_installs_then_starts_and_stops_cleanly(aws):
     assert "pod-agent stopped" in agent.log()
 
 
-def test_deleted_marker_is_reinstalled_and_comfyui_restarted(aws):
+def test_deleted_marker_is_reinstalled(aws):
+    # whether ComfyUI restarts after it: tests/test_restart_decision.py (only when what it loads
+    # changed; this reinstall changes nothing)
     install_all(aws)
-    aws.start_agent()
+    agent = aws.start_agent()
     wait_for(lambda: running(aws), 30, what="ComfyUI running")
     log = aws.root / "logs" / "install" / "dependencies_main.log"
     runs = log.read_text().count("\n=== ") + log.read_text().startswith("=== ")
-    before = len(starts(aws))
     aws.marker("dependencies_main").unlink()
     wait_for(lambda: aws.marker("dependencies_main").exists(), 30, what="marker rewritten")
-    wait_for(lambda: len(starts(aws)) == before + 1 and running(aws), 30, what="restart")
+    wait_for(lambda: "reinstalled dependencies_main" in agent.log(), 30, what="restart decision")
+    assert running(aws)
     text = log.read_text()
     assert text.count("\n=== ") + text.startswith("=== ") > runs
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from agent.checks import comfyui, components, sage, selfcheck, system
+from agent.checks import comfyui, components, drift, sage, selfcheck, system
 from agent.checks.base import CheckCtx, Hooks, Result
 
 REGISTRY: dict[str, Callable[[CheckCtx], Result]] = {
@@ -15,6 +15,7 @@ REGISTRY: dict[str, Callable[[CheckCtx], Result]] = {
     "disk": system.disk,
     "gpu": system.gpu,
     "agent": selfcheck.check,
+    "drift": drift.check,
 }
 
 __all__ = ["REGISTRY", "CheckCtx", "Hooks", "Result"]

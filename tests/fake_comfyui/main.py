@@ -20,6 +20,10 @@ Environment:
                                 (it ignores SIGTERM too when FAKE_COMFY_IGNORE_SIGTERM=1)
   FAKE_COMFY_PRINT_ENV=A,B      print `env A=<value>` for each named variable at start (stdout),
                                 and the same with a progress-bar '\r' ending on stderr
+  FAKE_COMFY_PIP_AT_START=args  run `python -m pip install <args>` (shlex-split) at start, before
+                                listening, as ComfyUI-Manager or a node installing at import does;
+                                with FAKE_COMFY_PIP_ONCE=1 only while <control>/pip_done is absent
+                                (written after the first run)
 """
 
 from __future__ import annotations
@@ -197,6 +201,16 @@ def main() -> None:
         os._exit(1)
     threading.Thread(target=watch_control, name="control", daemon=True).start()
 
+    pip_args = os.environ.get("FAKE_COMFY_PIP_AT_START")
+    once = os.environ.get("FAKE_COMFY_PIP_ONCE") == "1"
+    if pip_args and not (once and control("pip_done").exists()):
+        import shlex
+
+        proc = subprocess.run([sys.executable, "-m", "pip", "install", "-q",
+                               *shlex.split(pip_args)], capture_output=True, text=True)
+        say(f"pip install {pip_args}: exit {proc.returncode} {proc.stderr.strip()[-200:]}")
+        if once:
+            control("pip_done").write_text("")
     delay = float(os.environ.get("FAKE_COMFY_START_DELAY") or 0)
     if delay > 0:
         time.sleep(delay)

@@ -1,0 +1,214 @@
+"""Environment drift: the target interpreter's distributions changing outside the agent's installs.
+
+A fingerprint is the name -> version listing agent/pyenv.py already reads (one short subprocess,
+no pip). The daemon compares fingerprints right before ComfyUI starts, once it answered, and at
+each periodic reconcile; a difference its own install passes did not make is drift: one record in
+<state_dir>/history.jsonl (bounded), the `drift` health check's WARN, and a reconcile request
+(every component's probe runs again; the ones whose requirements name a changed distribution are
+listed as affected).
+
+Also here: what ComfyUI loads (its HEAD, the custom node signatures, the dists), for the restart
+decision after a reinstall.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+from agent.markers import atomic_write
+from agent.model import Component, Config
+from agent.pyenv import PythonUnavailable, canonical, inspect
+
+HISTORY_FILE = "history.jsonl"
+HISTORY_MAX_BYTES = 512 * 1024  # trimmed to the newest half when it grows past this
+TAIL_BYTES = 64 * 1024  # how much of the history the `drift` check reads
+SHOWN = 8  # distributions named in a summary line
+
+
+def dists(python: Path, timeout: float = 15.0) -> dict[str, str] | None:
+    """name -> version of the interpreter's distributions; None when it cannot be read."""
+    try:
+        return dict(inspect(python, timeout=timeout).dists)
+    except PythonUnavailable:
+        return None
+    except Exception:  # noqa: BLE001 - a timeout or an odd interpreter: no fingerprint
+        return None
+
+
+def diff(before: dict[str, str], after: dict[str, str]) -> dict[str, dict]:
+    """{"changed": {name: [old, new]}, "added": {name: ver}, "removed": {name: ver}}."""
+    changed = {n: [before[n], after[n]] for n in sorted(before.keys() & after.keys())
+               if before[n] != after[n]}
+    added = {n: after[n] for n in sorted(after.keys() - before.keys())}
+    removed = {n: before[n] for n in sorted(before.keys() - after.keys())}
+    return {"changed": changed, "added": added, "removed": removed}
+
+
+def empty(d: dict[str, dict]) -> bool:
+    return not (d["changed"] or d["added"] or d["removed"])
+
+
+def names(d: dict[str, dict]) -> list[str]:
+    return sorted(set(d["changed"]) | set(d["added"]) | set(d["removed"]))
+
+
+def summary(d: dict[str, dict]) -> str:
+    """`numpy 2.1.0 -> 1.26.4, foo added (1.0), bar removed (2.0)`, at most SHOWN named."""
+    parts = [f"{n} {old} -> {new}" for n, (old, new) in d["changed"].items()]
+    parts += [f"{n} added ({v})" for n, v in d["added"].items()]
+    parts += [f"{n} removed ({v})" for n, v in d["removed"].items()]
+    more = len(parts) - SHOWN
+    return ", ".join(parts[:SHOWN]) + (f" (+{more} more)" if more > 0 else "")
+
+
+# ---------------------------------------------------------------------- who may be affected
+_WORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def _file_names(path: Path) -> set[str]:
+    from agent.reqs import read_file
+
+    try:
+        reqs, _ = read_file(path)
+    except (OSError, ValueError):
+        return set()
+    return {r.name for r in reqs}
+
+
+def requirement_names(comp: Component) -> set[str]:
+    """Canonical distribution names a component's requirements mention (best effort)."""
+    spec = comp.spec
+    out: set[str] = set()
+    if comp.kind == "pip":
+        for path in spec.get("requirements", ()):
+            out |= _file_names(Path(path))
+        for text in spec.get("packages", ()):
+            m = _WORD.match(str(text).strip())
+            if m:
+                out.add(canonical(re.split(r"[\[<>=!~;@ ]", m.group(0))[0]))
+    elif comp.kind == "git" and spec.get("requirements") == "auto":
+        out |= _file_names(Path(spec["dest"]) / "requirements.txt")
+    elif comp.kind == "nodes" and spec.get("requirements") == "auto":
+        for node in spec.get("nodes", ()):
+            if node.get("enabled", True):
+                out |= _file_names(Path(spec["dest"]) / node["name"] / "requirements.txt")
+    elif comp.kind == "command":
+        for key in ("run", "check"):
+            out |= {canonical(w) for w in _WORD.findall(str(spec.get(key) or ""))}
+    return out
+
+
+def affected(config: Config, changed: Iterable[str]) -> list[str]:
+    """Enabled components whose requirements mention one of the changed distributions."""
+    wanted = {canonical(n) for n in changed}
+    out = []
+    for name, comp in config.components.items():
+        if not comp.enabled or comp.kind == "overall":
+            continue
+        try:
+            if requirement_names(comp) & wanted:
+                out.append(name)
+        except Exception:  # noqa: BLE001 - a config shape we do not know: not listed
+            continue
+    return out
+
+
+# ---------------------------------------------------------------------- what ComfyUI loads
+def loaded(config: Config, custom_nodes: Path, dist_listing: dict[str, str] | None) -> tuple:
+    """ComfyUI's HEAD, every custom node folder's signature, the dists: compared before and after
+    a reconcile pass to decide whether a restart can change anything ComfyUI runs."""
+    from agent.kinds.gitops import head
+    from agent.watch import node_signature
+
+    try:
+        nodes = sorted(p.name for p in custom_nodes.iterdir() if p.is_dir())
+    except OSError:
+        nodes = []
+    sigs = tuple((n, node_signature(custom_nodes / n)) for n in nodes)
+    dist_items = tuple(sorted(dist_listing.items())) if dist_listing is not None else None
+    return (head(config.comfyui.dir), sigs, dist_items)
+
+
+def loaded_diff(before: tuple, after: tuple) -> list[str]:
+    """What differs between two `loaded` fingerprints, in words (empty: nothing)."""
+    out = []
+    if before[0] != after[0]:
+        out.append("ComfyUI's commit")
+    b, a = dict(before[1]), dict(after[1])
+    nodes = sorted(n for n in b.keys() | a.keys() if b.get(n) != a.get(n))
+    if nodes:
+        out.append("custom nodes " + ", ".join(nodes[:SHOWN]))
+    if before[2] is None or after[2] is None:
+        if before[2] != after[2]:
+            out.append("the package listing (unreadable)")
+    else:
+        d = diff(dict(before[2]), dict(after[2]))
+        if not empty(d):
+            out.append("packages " + summary(d))
+    return out
+
+
+# ---------------------------------------------------------------------- history
+def history_path(config: Config) -> Path:
+    return config.state_dir / HISTORY_FILE
+
+
+def append(config: Config, record: dict[str, Any]) -> None:
+    """One JSON line; the file is trimmed to its newest half past HISTORY_MAX_BYTES.
+    Raises OSError (the caller logs it)."""
+    path = history_path(config)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    line = json.dumps(record, sort_keys=False) + "\n"
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    try:
+        os.write(fd, line.encode())
+        size = os.fstat(fd).st_size
+    finally:
+        os.close(fd)
+    if size > HISTORY_MAX_BYTES:
+        data = path.read_bytes()
+        keep = data[len(data) // 2:]
+        keep = keep[keep.find(b"\n") + 1:]
+        atomic_write(path, keep.decode("utf-8", "replace"))
+
+
+def recent(config: Config, kind: str | None = None, limit: int = 50) -> list[dict]:
+    """The newest records (oldest first), read from the file's tail only."""
+    path = history_path(config)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return []
+    try:
+        import stat
+
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return []
+        os.lseek(fd, max(0, st.st_size - TAIL_BYTES), os.SEEK_SET)
+        data = os.read(fd, TAIL_BYTES)
+    except OSError:
+        return []
+    finally:
+        os.close(fd)
+    out = []
+    for raw in data.decode("utf-8", "replace").splitlines():
+        try:
+            rec = json.loads(raw)
+        except ValueError:
+            continue  # a partial first line, or garbage
+        if isinstance(rec, dict) and (kind is None or rec.get("kind") == kind):
+            out.append(rec)
+    return out[-limit:]
+
+
+def record(source: str, d: dict[str, dict], by: str, affected_names: list[str],
+           repeats: int = 1) -> dict[str, Any]:
+    return {"time": time.time(), "stamp": time.strftime("%Y-%m-%d %H:%M:%S"), "kind": "drift",
+            "source": source, "by": by, "summary": summary(d), **d,
+            "affected": affected_names, "repeats": repeats}
