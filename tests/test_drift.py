@@ -1,0 +1,172 @@
+"""Environment drift: the target venv's distributions changing outside the agent's own installs
+are noticed (around a ComfyUI start, between checks), reported in health and history, and
+re-checked. Unit tests of agent/drift.py first, then the real agent with a fake ComfyUI that
+pip-installs at start and a pip run by hand."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+
+import pytest
+
+from agent import drift
+from agent.checks import REGISTRY
+from agent.checks.base import CheckCtx, Hooks
+from agent.config import load
+from tests.helpers import run_cli, wait_for
+from tests.test_daemon import aws, install_all, running, service, starts  # noqa: F401
+
+
+# ---------------------------------------------------------------------- units
+def test_diff_and_summary():
+    d = drift.diff({"numpy": "2.1.0", "torch": "2.4", "old": "1"},
+                   {"numpy": "1.26.4", "torch": "2.4", "new": "0.3"})
+    assert d == {"changed": {"numpy": ["2.1.0", "1.26.4"]}, "added": {"new": "0.3"},
+                 "removed": {"old": "1"}}
+    assert drift.summary(d) == "numpy 2.1.0 -> 1.26.4, new added (0.3), old removed (1)"
+    assert drift.names(d) == ["new", "numpy", "old"]
+    assert drift.empty(drift.diff({"a": "1"}, {"a": "1"}))
+    many = drift.diff({}, {f"p{i}": "1" for i in range(12)})
+    assert drift.summary(many).endswith("(+4 more)")
+
+
+def test_affected_components_are_those_whose_requirements_name_it(ws):
+    (ws.root / "ComfyUI").mkdir()
+    (ws.root / "ComfyUI" / "requirements.txt").write_text("podtest-alpha>=1.0\npodtest-beta\n")
+    ws.config["components"]["dependencies_additional"]["packages"] = ["Podtest_Gamma[x]>=1.0"]
+    ws.save()
+    config = load(ws.config_path, ws.root)
+    assert drift.affected(config, ["podtest-alpha"]) == ["dependencies_main"]
+    assert drift.affected(config, ["podtest-gamma"]) == ["dependencies_additional"]
+    assert drift.affected(config, ["numpy"]) == []
+
+
+def test_history_is_bounded_and_read_from_its_tail(ws, monkeypatch):
+    config = load(ws.config_path, ws.root)
+    monkeypatch.setattr(drift, "HISTORY_MAX_BYTES", 4096)
+    for i in range(200):
+        drift.append(config, drift.record("between checks",
+                                          drift.diff({"a": "1"}, {"a": str(i)}), "", []))
+    path = drift.history_path(config)
+    assert path.stat().st_size <= 4096 + 400
+    lines = path.read_text().splitlines()
+    assert all(json.loads(line)["kind"] == "drift" for line in lines)  # no partial line kept
+    last = drift.recent(config, kind="drift", limit=1)
+    assert last[0]["changed"] == {"a": ["1", "199"]}
+    path.write_text(path.read_text() + "garbage\n")
+    assert drift.recent(config, kind="drift", limit=1)[0]["changed"] == {"a": ["1", "199"]}
+
+
+def _run_check(config):
+    settings = config.health["checks"]["drift"]
+    return REGISTRY["drift"](CheckCtx(config, settings, Hooks(), {}))
+
+
+def test_drift_check_warns_for_a_while_then_names_the_last_one(ws):
+    config = load(ws.config_path, ws.root)
+    assert _run_check(config).status == "ok"  # no history at all
+    rec = drift.record("during ComfyUI start", drift.diff({"numpy": "2.1"}, {"numpy": "1.26"}),
+                       "ComfyUI (pid 7) or a custom node it loaded", ["dependencies_main"])
+    drift.append(config, rec)
+    result = _run_check(config)
+    assert result.status == "warn"
+    assert "numpy 2.1 -> 1.26 (during ComfyUI start" in result.detail
+    assert "re-checked: dependencies_main" in result.detail
+    rec["time"] -= 7200  # older than warn_for (1 h)
+    drift.history_path(config).write_text(json.dumps(rec) + "\n")
+    result = _run_check(config)
+    assert result.status == "ok" and result.detail.startswith("no drift for 2.0 h; last: numpy")
+
+
+def test_health_now_reports_the_latest_drift(ws):
+    config = load(ws.config_path, ws.root)
+    drift.append(config, drift.record("between checks",
+                                      drift.diff({}, {"podtest-x": "1.0"}), "", []))
+    proc = run_cli("health", "--now", "--check", "drift", "--json", *ws.args())
+    data = json.loads(proc.stdout)
+    entry = data["checks"]["drift"]
+    assert entry["status"] == "warn", proc.stdout
+    assert "podtest-x added (1.0)" in entry["detail"]
+
+
+# ---------------------------------------------------------------------- the agent
+def _venv_dists(ws) -> dict:
+    return drift.dists(ws.python) or {}
+
+
+def _health(ws) -> dict:
+    try:
+        return json.loads(next((ws.root / ".pod-agent" / "run").glob("*/health.json"))
+                          .read_text())["checks"]
+    except (StopIteration, OSError, ValueError, KeyError):
+        return {}
+
+
+def _history(ws) -> list[dict]:
+    path = ws.root / ".pod-agent" / "history.jsonl"
+    try:
+        return [json.loads(line) for line in path.read_text().splitlines() if line]
+    except OSError:
+        return []
+
+
+@pytest.mark.slow
+def test_pip_install_at_comfyui_start_is_drift_and_is_repaired(aws):
+    # a component needs podtest-alpha>=2.0; ComfyUI's start downgrades it (as ComfyUI-Manager
+    # does with numpy): drift during the start, the component re-probed and repaired, and
+    # ComfyUI restarted because the repair changed what it loads
+    aws.config["components"]["dependencies_additional"]["packages"] = [
+        "podtest-gamma>=1.0", "podtest-alpha>=2.0"]
+    aws.config["comfyui"]["env"].update({
+        "FAKE_COMFY_PIP_AT_START": f"--no-index --find-links {aws.wheels} podtest-alpha==1.0",
+        "FAKE_COMFY_PIP_ONCE": "1"})
+    aws.save()
+    install_all(aws)
+    assert _venv_dists(aws)["podtest-alpha"] == "2.0"
+    agent = aws.start_agent()
+    wait_for(lambda: _history(aws), 60, what="a drift record")
+    rec = _history(aws)[0]
+    assert rec["kind"] == "drift" and rec["source"] == "during ComfyUI start"
+    assert rec["changed"] == {"podtest-alpha": ["2.0", "1.0"]}
+    assert rec["added"] == {} and rec["removed"] == {}
+    assert rec["by"].startswith(f"ComfyUI (pid {starts(aws)[0]['pid']})")
+    assert rec["affected"] == ["dependencies_main", "dependencies_additional"]
+    wait_for(lambda: _health(aws).get("drift", {}).get("status") == "warn", 20,
+             what="drift in health")
+    assert "podtest-alpha 2.0 -> 1.0" in _health(aws)["drift"]["detail"]
+    # re-checked: the probe sees alpha 1.0 < 2.0, the reinstall puts 2.0 back, ComfyUI restarts
+    wait_for(lambda: len(starts(aws)) == 2 and running(aws), 60, what="repair and restart")
+    assert _venv_dists(aws)["podtest-alpha"] == "2.0"
+    log = agent.log()
+    assert "environment drift during ComfyUI start: podtest-alpha 2.0 -> 1.0" in log, log
+    assert "changed packages podtest-alpha 1.0 -> 2.0: ComfyUI restarts" in log, log
+    # the agent's own repair is not drift
+    assert len(_history(aws)) == 1
+
+
+@pytest.mark.slow
+def test_pip_run_by_hand_between_checks_is_drift_and_the_repair_needs_no_restart(aws):
+    aws.config["agent"]["reconcile_interval"] = 1.0
+    aws.save()
+    install_all(aws)
+    agent = aws.start_agent()
+    wait_for(lambda: running(aws), 30, what="ComfyUI running")
+    pid = service(aws)["pid"]
+    # wait until the agent has a baseline from after the start, then change the venv by hand
+    wait_for(lambda: "reconcile (foreground): periodic full reconcile" in agent.log(), 20,
+             what="a periodic reconcile")
+    subprocess.run([str(aws.python), "-m", "pip", "uninstall", "-y", "-q", "podtest-gamma"],
+                   check=True, capture_output=True)
+    wait_for(lambda: _history(aws), 30, what="a drift record")
+    rec = _history(aws)[0]
+    assert rec["source"] == "between checks" and rec["by"] == ""
+    assert rec["removed"] == {"podtest-gamma": "1.0"}
+    assert rec["affected"] == ["dependencies_additional"]
+    wait_for(lambda: "podtest-gamma" in _venv_dists(aws), 30, what="reinstalled")
+    wait_for(lambda: "reinstalled dependencies_additional: nothing ComfyUI loads changed"
+             in agent.log(), 20, what="the restart decision")
+    assert len(starts(aws)) == 1 and service(aws)["pid"] == pid
+    assert len(_history(aws)) == 1
+    assert _health(aws).get("drift", {}).get("status") == "warn"
