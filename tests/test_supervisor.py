@@ -300,10 +300,7 @@ def test_crash_loop_backs_off_then_degrades_and_keeps_retrying(pod):
 
     wait_for(step, 15, tick=sup)
     assert [s for s, _ in delays] == ["backoff", "backoff", "backoff", "degraded"]
-    backoffs = [d for _, d in delays[:3]]
-    assert 0.05 < backoffs[0] <= 0.11
-    assert backoffs[0] < backoffs[1] < backoffs[2]  # 0.1, 0.2, 0.4 (+ up to 10% jitter)
-    assert 0.3 < delays[3][1] <= 0.4  # degraded_retry
+    # the delays themselves (doubling, jitter, the slow retry) are tested on the fake clock below
     snap = sup.snapshot()
     assert "4 failed starts" in snap["degraded_reason"]
     assert snap["last_exit"]["code"] == 1
@@ -325,7 +322,7 @@ def test_crash_on_start_env(pod):
     wait_for(lambda: state(sup) == "backoff", 5, tick=sup)
     snap = sup.snapshot()
     assert snap["last_exit"]["code"] == 1 and "exited with status 1" in snap["last_failure"]
-    assert 4 < snap["next_start_in"] <= 5.5
+    assert snap["next_start_in"] > 1  # 5 s + jitter: exactly on the fake clock below
 
 
 def test_crash_while_running_restarts_and_failures_reset(pod):
@@ -520,3 +517,254 @@ def test_log_rotation_copytruncate_keeps_three(pod):
     assert [(pod.log.parent / f"comfyui.log.{n}").read_bytes()[:1] for n in (1, 2, 3)] == \
         [b"4", b"3", b"2"]
     assert not (pod.log.parent / "comfyui.log.4").exists()
+
+
+# ---------------------------------------------------------------------- the fake clock
+# Backoff, DEGRADED, the reset after a healthy run, the ready timeout and liveness are decided in
+# `tick(now)`: these tests pass the time themselves (real processes, no wall-clock margins).
+# They use the real defaults (config.AGENT_FIELDS), read the schedule from `_next_start` and the
+# failure times from `_failure_times`.
+DEFAULTS = {k: default for k, (_typ, default) in AGENT_FIELDS.items()}
+
+
+class Clock:
+    """Monotonic time that moves only when told (starts at the real clock: a request's own
+    timestamp is real time, and compares with it)."""
+
+    def __init__(self) -> None:
+        self.now = time.monotonic()
+
+    def at(self, t: float) -> float:
+        self.now = max(self.now, t)
+        return self.now
+
+    def advance(self, dt: float) -> float:
+        self.now += dt
+        return self.now
+
+
+def defaults_supervisor(pod: "Pod", settings: ComfyUISettings | None = None, **over: Any
+                        ) -> Supervisor:
+    sup = pod.supervisor(settings, http_timeout=0.3)
+    sup.agent = {**DEFAULTS, **over}
+    return sup
+
+
+def no_python(pod: "Pod") -> ComfyUISettings:
+    return pod.settings(python=pod.root / "no-such-python")  # a failed start, no process
+
+
+def fail_again(sup: Supervisor, clock: Clock) -> float:
+    """Tick exactly when the next start is due (it fails again); the delay it then scheduled."""
+    due = sup._next_start
+    assert due is not None
+    sup.tick(clock.at(due - 0.001))
+    assert sup._next_start == due, "started before its backoff delay was over"
+    before = sup.snapshot()["failures"]
+    sup.tick(clock.at(due))
+    assert sup.snapshot()["failures"] == before + 1
+    return sup._next_start - clock.now
+
+
+def until_running(sup: Supervisor, clock: Clock, step: float = 0.2, timeout: float = 15) -> None:
+    """Tick (the fake clock moving `step` per tick) until the real fake ComfyUI answers."""
+    wait_for(lambda: sup.tick(clock.advance(step)) or running(sup), timeout)
+
+
+def test_backoff_doubles_from_5s_to_300s_with_at_most_10_percent_jitter(pod, monkeypatch):
+    jitter: list[tuple[float, float]] = []
+
+    def most(a: float, b: float) -> float:
+        jitter.append((a, b))
+        return b
+
+    monkeypatch.setattr("agent.supervisor.random.uniform", most)
+    sup = defaults_supervisor(pod, no_python(pod), degraded_after=100)
+    clock = Clock()
+    sup.start()
+    first = sup._next_start - sup._failure_times[-1]
+    clock.at(sup._failure_times[-1])
+    delays = [first] + [fail_again(sup, clock) for _ in range(8)]
+    bases = [5, 10, 20, 40, 80, 160, 300, 300, 300]
+    assert jitter == [(0, b * 0.1) for b in bases]
+    assert delays == pytest.approx([b * 1.1 for b in bases])
+    assert state(sup) == "backoff"
+    monkeypatch.undo()
+
+    # with the real random jitter: always within [delay, delay * 1.1]
+    sup = defaults_supervisor(pod, no_python(pod), degraded_after=100)
+    clock = Clock()
+    sup.start()
+    clock.at(sup._failure_times[-1])
+    delays = [sup._next_start - sup._failure_times[-1]] + [fail_again(sup, clock)
+                                                         for _ in range(11)]
+    for n, delay in enumerate(delays):
+        base = min(5 * 2 ** n, 300)
+        assert base <= delay <= base * 1.1, (n, delay)
+
+
+def test_more_than_5_failed_starts_in_15_min_is_degraded_with_a_slow_retry(pod, monkeypatch):
+    monkeypatch.setattr("agent.supervisor.random.uniform", lambda a, b: a)  # no jitter
+    sup = defaults_supervisor(pod, no_python(pod))
+    clock = Clock()
+    sup.start()
+    t0 = clock.at(sup._failure_times[-1])
+    assert [fail_again(sup, clock) for _ in range(4)] == pytest.approx([10, 20, 40, 80])
+    assert state(sup) == "backoff" and clock.now - t0 == pytest.approx(75)
+    assert fail_again(sup, clock) == pytest.approx(600)  # 6th failure at t0 + 155 s: DEGRADED, retry in 10 min
+    snap = sup.snapshot()
+    assert snap["state"] == "degraded"
+    assert snap["degraded_reason"].startswith("6 failed starts within 900s; last: python not")
+    # the slow retry: every degraded_retry, still DEGRADED while it fails
+    assert fail_again(sup, clock) == pytest.approx(600) and state(sup) == "degraded"
+    # ComfyUI can start again: the next retry brings it back, DEGRADED is left
+    sup.settings = pod.settings()
+    sup.tick(clock.at(sup._next_start))
+    assert state(sup) == "starting"
+    until_running(sup, clock)
+    assert sup.snapshot()["degraded_reason"] is None
+
+
+def test_failed_starts_spread_over_more_than_the_window_never_degrade(pod, monkeypatch):
+    monkeypatch.setattr("agent.supervisor.random.uniform", lambda a, b: a)
+    # one failure every 200 s: never more than 5 inside a 900 s window
+    sup = defaults_supervisor(pod, no_python(pod), backoff_initial=200, backoff_max=200)
+    clock = Clock()
+    sup.start()
+    clock.at(sup._failure_times[-1])
+    for _ in range(10):
+        assert fail_again(sup, clock) == pytest.approx(200)
+        assert state(sup) == "backoff"
+    assert len(sup._failure_times) == 5
+    # one every 150 s: the 6th inside 900 s degrades
+    sup = defaults_supervisor(pod, no_python(pod), backoff_initial=150, backoff_max=150)
+    clock = Clock()
+    sup.start()
+    clock.at(sup._failure_times[-1])
+    for _ in range(4):
+        fail_again(sup, clock)
+        assert state(sup) == "backoff"
+    fail_again(sup, clock)
+    assert state(sup) == "degraded"
+
+
+def test_failure_count_resets_after_10_minutes_healthy(pod, monkeypatch):
+    monkeypatch.setattr("agent.supervisor.random.uniform", lambda a, b: a)
+    sup = defaults_supervisor(pod, no_python(pod))
+    clock = Clock()
+    sup.start()
+    clock.at(sup._failure_times[-1])
+    assert fail_again(sup, clock) == pytest.approx(10)  # 2 failures
+    sup.settings = pod.settings()
+    sup.tick(clock.at(sup._next_start))
+    until_running(sup, clock)
+    up = sup._running_since
+    assert up == clock.now
+    sup.tick(clock.at(up + 599.9))
+    assert sup.snapshot()["failures"] == 2  # not yet: a crash now would wait 20 s
+    sup.tick(clock.at(up + 600))
+    assert sup.snapshot()["failures"] == 0
+    # a crash after the reset starts the backoff from 5 s again
+    pod.set("crash")
+    wait_for(lambda: sup.tick(clock.advance(0.01)) or state(sup) == "backoff", 10)
+    assert sup.snapshot()["failures"] == 1
+    assert sup._next_start - clock.now == pytest.approx(5)
+    pod.clear("crash")
+
+
+def test_a_crash_before_10_minutes_healthy_keeps_doubling(pod, monkeypatch):
+    monkeypatch.setattr("agent.supervisor.random.uniform", lambda a, b: a)
+    sup = defaults_supervisor(pod, no_python(pod))
+    clock = Clock()
+    sup.start()
+    clock.at(sup._failure_times[-1])
+    fail_again(sup, clock)
+    sup.settings = pod.settings()
+    sup.tick(clock.at(sup._next_start))
+    until_running(sup, clock)
+    sup.tick(clock.at(sup._running_since + 599))
+    pod.set("crash")
+    wait_for(lambda: sup.tick(clock.advance(0.01)) or state(sup) == "backoff", 10)
+    assert sup.snapshot()["failures"] == 3 and sup._next_start - clock.now == pytest.approx(20)
+    pod.clear("crash")
+
+
+def test_startup_grace_is_the_ready_timeout_then_a_failed_start(pod):
+    # a ComfyUI that does not answer for a long time (loading models): no liveness failures
+    # while STARTING, only the ready timeout (600 s by default) ends it
+    sup = defaults_supervisor(pod, pod.settings(env={"FAKE_COMFY_START_DELAY": "120"}))
+    clock = Clock()
+    sup.start()
+    deadline = sup._ready_deadline
+    pid = sup.snapshot()["pid"]
+    for t in range(0, 600, 60):
+        sup.tick(clock.at(deadline - 600 + t + 1))
+        snap = sup.snapshot()
+        assert snap["state"] == "starting" and snap["failures"] == 0 and snap["pid"] == pid
+    sup.tick(clock.at(deadline - 0.01))
+    assert state(sup) == "starting"
+    sup.tick(clock.at(deadline))
+    snap = sup.snapshot()
+    assert snap["state"] == "backoff" and snap["failures"] == 1
+    assert snap["last_failure"] == "not ready within 600s"
+    assert gone(pid) and not pod.procs()
+
+
+def test_liveness_fails_after_3_consecutive_misses_and_a_success_resets_them(pod, warnings):
+    sup = defaults_supervisor(pod)
+    clock = Clock()
+    sup.start()
+    until_running(sup, clock)
+    pid = sup.snapshot()["pid"]
+    up = clock.now  # liveness every 10 s from here
+
+    def at(t: float) -> int:
+        sup.tick(clock.at(up + t))
+        return sup._live_failures
+
+    pod.set("hang")
+    assert at(10) == 1 and at(15) == 1 and at(20) == 2  # a probe only every 10 s
+    pod.clear("hang")
+    assert at(30) == 0  # one answer resets the count
+    pod.set("hang")
+    assert at(40) == 1 and at(50) == 2 and state(sup) == "running"
+    assert at(60) == 3
+    snap = sup.snapshot()
+    assert snap["state"] == "backoff" and snap["failures"] == 1
+    assert snap["last_failure"] == "3 consecutive liveness failures"
+    assert gone(pid)
+    assert sum("liveness check failed" in w for w in warnings) == 5
+    pod.clear("hang")
+
+
+def test_restart_max_wait_on_the_fake_clock(pod, warnings):
+    pod.set("busy")
+    sup = defaults_supervisor(pod, restart_max_wait=1800)
+    clock = Clock()
+    sup.start()
+    until_running(sup, clock)
+    pid = sup.snapshot()["pid"]
+    sup.request_restart("custom node changed")
+    since = sup._pending.since
+    for t in (0, 60, 900, 1799.9):
+        sup.tick(clock.at(since + t))
+        assert sup.snapshot()["pid"] == pid and sup.snapshot()["pending_restart"]
+    assert not any("restarting anyway" in w for w in warnings)
+    sup.tick(clock.at(since + 1800))
+    assert any("restarting anyway" in w for w in warnings)
+    assert sup.snapshot()["pid"] not in (pid, None) and gone(pid)
+    assert sup.snapshot()["failures"] == 0
+
+
+@pytest.mark.xfail(strict=True, reason="a restart request stays pending after a failed spawn "
+                   "(_spawn returns before _clear_pending): every tick relaunches, past the "
+                   "backoff and the DEGRADED slow retry")
+def test_a_pending_restart_does_not_bypass_the_backoff(pod):
+    sup = defaults_supervisor(pod, no_python(pod))
+    clock = Clock()
+    sup.request_restart("health: comfyui_http failed 3 times")
+    sup.tick(clock.now)
+    assert sup.snapshot()["failures"] == 1
+    for _ in range(8):  # 4 s: inside the first 5 s backoff
+        sup.tick(clock.advance(0.5))
+    assert sup.snapshot()["failures"] == 1
