@@ -274,6 +274,23 @@ def _cell(value: Any, limit: int) -> str:
     return text if len(text) <= limit else text[:max(0, limit - 3)] + "..."
 
 
+def _exit_text(last: dict[str, Any]) -> str:
+    """How ComfyUI last ended: `code 1`, `killed by signal 9 (SIGKILL)`, `unknown` (an adopted
+    process that is not our child leaves no status)."""
+    import signal as _signal
+
+    code, sig = last.get("code"), last.get("signal")
+    if isinstance(sig, int) and not isinstance(sig, bool):
+        try:
+            name = f" ({_signal.Signals(sig).name})"
+        except ValueError:
+            name = ""
+        return f"killed by signal {sig}{name}"
+    if isinstance(code, int) and not isinstance(code, bool):
+        return f"code {code}"
+    return "unknown (not our child: no exit status)"
+
+
 def render_status(data: dict[str, Any]) -> str:
     rows = [("COMPONENT", "STATE", "SINCE", "VERSION", "REASON")]
     for name, c in data["components"].items():
@@ -295,7 +312,7 @@ def render_status(data: dict[str, Any]) -> str:
             text = (f"COMFYUI   {cui.get('state', '?').upper()}  pid {cui.get('pid') or '-'}  "
                     f"up {_age(cui.get('uptime'))}  restarts {cui.get('restarts', 0)}")
             if last:
-                text += f"  last exit {last.get('code', last.get('signal', '?'))}"
+                text += f"  last exit: {_exit_text(last)}"
             lines.append(text)
             if cui.get("pending_restart"):
                 pr = cui["pending_restart"]
@@ -319,7 +336,8 @@ def render_status(data: dict[str, Any]) -> str:
             if p["role"] == "comfyui" and p.get("state"):
                 extra = f" state={p['state']} restarts={p.get('restarts', 0)}"
             if p["role"] == "installer":
-                extra = f" component={p['component']}"
+                extra = f" component={p['component']}" + (
+                    f" installing for {_age(p['for'])}" if p.get("for") is not None else "")
             if p["role"] == "agent" and p.get("last_reconcile"):
                 extra = f" last reconcile {p['last_reconcile']} ({p.get('last_result')})"
             lines.append(f"  {p['role']:<9} pid {p['pid']}  up {_age(p.get('uptime'))}{extra}")

@@ -112,7 +112,7 @@ class Daemon:
         self.scheduler.add_listener(self._job_event, EVENT_JOB_ERROR | EVENT_JOB_MISSED
                                     | EVENT_JOB_MAX_INSTANCES)
         self.health = Monitor(cfg, Hooks(
-            service=self.supervisor.snapshot, comfy_expected=lambda: self._comfy_started,
+            service=self.supervisor.snapshot, comfy_expected=lambda: self.start_comfyui,
             request_restart=self.supervisor.request_restart,
             request_reconcile=self.request_reconcile, watcher=self.watcher,
             job_events=lambda: dict(self.job_events),
@@ -134,10 +134,9 @@ class Daemon:
         now = datetime.now()
         for name in self.health.enabled():
             s = health["checks"][name]
-            # the boot reconcile (which probes every component anyway) goes first: the first
-            # `components` check waits one interval, the others min(interval, 10 s)
-            first = now + timedelta(seconds=s["interval"] if name == "components"
-                                    else min(s["interval"], BOOT_GRACE))
+            # every check runs once soon after start (min(interval, 10 s): the boot reconcile
+            # goes first), then at its interval
+            first = now + timedelta(seconds=min(s["interval"], BOOT_GRACE))
             self.scheduler.add_job(self.health.run, "interval", args=[name],
                                    id=f"health:{name}", seconds=s["interval"],
                                    next_run_time=first)
@@ -236,10 +235,11 @@ class Daemon:
     def _start_comfyui(self, why: str) -> None:
         if not self.start_comfyui or self._comfy_started:
             return
-        logger.info(f"starting ComfyUI ({why})")
+        # the supervisor logs what happens: `stopped -> starting: <why>`, or `adopted running
+        # ComfyUI` on a resume that finds it running (no `starting` line before an adoption)
         self._snapshot_nodes()
         self._comfy_started = True
-        self.supervisor.start()
+        self.supervisor.start(why)
         self._after_supervisor_start()
 
     def extra_args(self) -> list[str]:

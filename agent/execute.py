@@ -35,6 +35,19 @@ class Reporter(Protocol):
     def end(self, outcome: Outcome) -> None: ...
 
 
+def describe(outcome: Outcome) -> str:
+    """One line for an outcome, the status said once: `x: installed in 2.0s (1.0)`,
+    `x: already installed (...)`, `x: failed: <reason>` (never `installed: installed`)."""
+    msg = outcome.message or ""
+    if not msg:
+        return f"{outcome.name}: {outcome.status}"
+    # an install's message says what was done ("installed in 2.0s", "already installed",
+    # "repaired by ..."); the others are reasons that need their status in front
+    if outcome.status in ("installed", "already") or msg.startswith(outcome.status):
+        return f"{outcome.name}: {msg}"
+    return f"{outcome.name}: {outcome.status}: {msg}"
+
+
 @dataclass
 class Report:
     outcomes: list[Outcome] = field(default_factory=list)
@@ -195,7 +208,11 @@ class Executor:
             return outcome
         if step.action == Action.SKIP:
             return self._report(step, self._already(step.name, obs), announce=False)
-        if self.reporter and step.action != Action.UPGRADE_MARKER:
+        # a broken component after a dependency was reinstalled in this pass may well be fine
+        # now: "reinstalling" is said once the check inside the lock shows it is not
+        defer = step.action == Action.REINSTALL and not step.forced and \
+            any(st == "installed" for st in status.values())
+        if self.reporter and step.action != Action.UPGRADE_MARKER and not defer:
             self.reporter.begin(step)  # a legacy marker upgrade installs nothing: no "installing"
         lock = Lock(lock_path(self.config, step.name))
         timeout = self.lock_timeout if self.lock_timeout is not None else comp.timeout + 60
@@ -218,14 +235,18 @@ class Executor:
             if now.state == State.INSTALLED and now.legacy and not forced:
                 return self._report(step, self._upgrade(step.name, now))
             if now.state == State.INSTALLED and (waited or not forced):
+                if obs.state != State.INSTALLED and not waited:
+                    return self._report(step, self._repaired(step, now, status))
                 return self._report(step, self._already(step.name, now, by_other=bool(waited)))
+            if defer and self.reporter:
+                self.reporter.begin(step)
             return self._report(step, self._install(step, now))
 
     def _report(self, step: Step, outcome: Outcome, announce: bool = True) -> Outcome:
         if self.reporter:
             self.reporter.end(outcome)
         if announce or outcome.status in ("blocked", "failed"):
-            self.progress(f"{outcome.name}: {outcome.status}: {outcome.message}")
+            self.progress(describe(outcome))
         return outcome
 
     def _already(self, name: str, obs: Observed, by_other: bool = False) -> Outcome:
@@ -234,6 +255,19 @@ class Executor:
         who = " by another process" if by_other else ""
         return Outcome(name, "already",
                        f"already installed{who} ({m.timestamp if m else '?'}, {version})")
+
+    def _repaired(self, step: Step, obs: Observed, status: dict[str, str]) -> Outcome:
+        """Planned for a reinstall (its probe failed), fine by the time its turn came: a
+        dependency reinstalled earlier in this pass repaired it. Said so, not `already
+        installed (<old time>)` right after it was reported broken."""
+        m = obs.marker
+        version = m.meta.get("version", "-") if m else "-"
+        deps = [d for d in step.needs if status.get(d) == "installed"] or \
+            [d for d, st in status.items() if st == "installed"]
+        what = (f"repaired by reinstalling its dependency {', '.join(deps)}" if deps else
+                "fine again when its turn came (was: " + (step.reason or "broken") + ")")
+        return Outcome(step.name, "already", f"{what}; its own install is kept "
+                                             f"({m.timestamp if m else '?'}, {version})")
 
     def _write_marker(self, name: str, meta: dict[str, str], duration: float,
                       stamp: str | None = None) -> None:
@@ -306,12 +340,12 @@ class Executor:
 
         changed, failures = usernodes.converge(self.ctx)
         log = str(usernodes.pseudo_component(self.config).log)
-        out = [Outcome(f"custom_nodes/{n}", "installed", "requirements installed", log=log)
-               for n in changed]
+        out = [Outcome(f"custom_nodes/{n}", "installed", what, log=log)
+               for n, what in changed.items()]
         out += [Outcome("user_nodes", "failed", f, log=log, tail=procs.tail(Path(log), 15))
                 for f in failures]
         for o in out:
-            self.progress(f"{o.name}: {o.status}: {o.message}")
+            self.progress(describe(o))
         return out
 
     # ------------------------------------------------------------------ derived

@@ -13,11 +13,39 @@ from typing import Callable
 
 from loguru import logger
 
-from agent.execute import Executor, Report
-from agent.model import Config
+from agent.execute import Executor, Report, describe
+from agent.model import Config, Outcome, Step
 
 
 RETRY_FIRST = 5.0  # seconds after the first pass that did not converge
+
+
+class LogReporter:
+    """The executor's progress in the agent log, as it happens: a component's start and its
+    install at INFO, a failure or a block at WARNING; an unchanged one at DEBUG. It also
+    remembers what it logged, so the pass's summary does not log an outcome twice."""
+
+    def __init__(self, phase: str):
+        self.phase = phase
+        self.logged: set[tuple[str, str]] = set()
+        self._started: dict[str, float] = {}
+
+    def begin(self, step: Step) -> None:
+        self._started[step.name] = time.monotonic()
+        verb = "reinstalling" if step.action.value == "reinstall" else "installing"
+        logger.info(f"{step.name}: {verb}" + (f" ({step.reason})" if step.reason else ""))
+
+    def end(self, outcome: Outcome) -> None:
+        self.log(outcome)
+
+    def log(self, outcome: Outcome) -> None:
+        key = (outcome.name, outcome.status)
+        if key in self.logged:
+            return
+        self.logged.add(key)
+        level = "WARNING" if outcome.status in ("failed", "blocked") else \
+            "INFO" if outcome.status == "installed" or outcome.name in self._started else "DEBUG"
+        logger.log(level, describe(outcome))
 
 
 @dataclass
@@ -124,8 +152,14 @@ class Reconciler:
             logger.info(f"reconcile ({self.phase}): {'; '.join(reasons[:5])}"
                         + (f" (+{len(reasons) - 5} more)" if len(reasons) > 5 else ""))
             try:
-                self.executor = Executor(self._config(), stop=self._stop)
+                reporter = LogReporter(self.phase)
+                self.executor = Executor(self._config(), stop=self._stop, reporter=reporter)
                 report = self.executor.run(phase=self.phase)
+                # what the executor reports as a pass-wide step (user nodes, the overall
+                # marker) is logged here, once; each component was logged as it finished
+                for o in report.outcomes:
+                    if o.status in ("installed", "failed", "blocked"):
+                        reporter.log(o)
                 result = "ok" if report.ok else "failed: " + ", ".join(
                     o.name for o in report.outcomes if o.status in ("failed", "blocked"))
             except Exception as exc:  # noqa: BLE001 - the worker must survive anything
@@ -143,9 +177,6 @@ class Reconciler:
                          "result": result, "duration": round(time.monotonic() - start, 2),
                          "changed": report.changed, "failures_in_a_row": self.failures,
                          "failing_since": self.failing_since}
-            for o in report.outcomes:
-                if o.status in ("installed", "failed", "blocked"):
-                    logger.info(f"{o.name}: {o.status}: {o.message}")
             try:
                 if not self._stop.is_set():
                     self._on_done(self, report, batch)

@@ -55,8 +55,12 @@ def processes(config: Config, installing: list[str] | None = None) -> list[dict[
         holder = held_by_other(lock_path(config, name))
         if holder:
             info = _process(holder.get("pid")) or {"pid": holder.get("pid"), "uptime": None}
+            since = holder.get("since")
+            since = since if isinstance(since, (int, float)) and not isinstance(since, bool) \
+                else None
             out.append({"role": "installer", "component": name, **info,
-                        "host": holder.get("host")})
+                        "host": holder.get("host"), "since": since,
+                        "for": round(max(0.0, time.time() - since), 1) if since else None})
     return out
 
 
@@ -179,6 +183,11 @@ def collect(config: Config, gpu: bool | None = None) -> dict[str, Any]:
         }
     procs_ = processes(config, [n for n, c in comps.items()
                                 if c["state"] == State.INSTALLING.value])
+    for p in procs_:  # the component being installed now: since when (its lock's time)
+        if p["role"] == "installer" and p.get("since") and p["component"] in comps:
+            c = comps[p["component"]]
+            c["timestamp"] = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(p["since"]))
+            c["installing_for"] = p["for"]
     agent, comfyui = service(config, procs_)
     return {
         "workspace": str(config.workspace),

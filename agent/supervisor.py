@@ -161,14 +161,16 @@ class Supervisor:
         logger.log(level, "ComfyUI {} -> {}: {}", old.value, new.value, reason)
 
     # ------------------------------------------------------------------ public API
-    def start(self) -> None:
-        """Adopt a running ComfyUI or start one. Returns at once; `tick` follows readiness."""
+    def start(self, why: str = "start") -> None:
+        """Adopt a running ComfyUI or start one. Returns at once; `tick` follows readiness.
+        `why` is logged with the transition that follows: `stopped -> starting: <why>`, or,
+        when one already runs, only `adopted running ComfyUI` (never `starting` before it)."""
         with self._lock:
             self._closed = False
             if self.state is not S.STOPPED:
                 logger.debug("ComfyUI start requested while {}: nothing to do", self.state.value)
                 return
-            self._launch(time.monotonic(), "start")
+            self._launch(time.monotonic(), why)
 
     def stop(self, timeout: float | None = None) -> None:
         """Stop ComfyUI (SIGTERM to its group, SIGKILL after the timeout) and wait for it."""

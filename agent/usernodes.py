@@ -61,28 +61,30 @@ def pseudo_component(config: Config) -> Component:
                      log=config.workspace / "logs" / "install" / "user_nodes.log")
 
 
-def converge(ctx: Ctx) -> tuple[list[str], list[str]]:
-    """Install what unmanaged nodes need. Returns (changed node names, failure messages)."""
+def converge(ctx: Ctx) -> tuple[dict[str, str], list[str]]:
+    """Install what unmanaged nodes need. Returns ({changed node: what was done}, failure
+    messages)."""
     config = ctx.config
     nodes = discover(config)
     if not nodes:
-        return [], []
+        return {}, []
     comp = pseudo_component(config)
-    changed: list[str] = []
+    changed: dict[str, str] = {}
     failures: list[str] = []
     lock = Lock(config.state_dir / "locks" / "user_nodes.lock")
     try:
         got = lock.acquire(comp.timeout + 60)
     except (OSError, AgentError) as exc:  # a read-only or full volume, a folder as lock file
-        return [], [f"user_nodes: {explain(exc)}"]
+        return {}, [f"user_nodes: {explain(exc)}"]
     if not got:
-        return [], ["user_nodes: another installer holds the lock"]
+        return {}, ["user_nodes: another installer holds the lock"]
     with lock:
         state = _load(config)
         for path in nodes:
             try:
-                if _converge_one(ctx, comp, path, state):
-                    changed.append(path.name)
+                done = _converge_one(ctx, comp, path, state)
+                if done:
+                    changed[path.name] = done
             except InstallError as exc:
                 failures.append(str(exc))
             except (OSError, AgentError) as exc:  # one node's problem stays its own
@@ -98,10 +100,10 @@ def converge(ctx: Ctx) -> tuple[list[str], list[str]]:
     return changed, failures
 
 
-def _converge_one(ctx: Ctx, comp: Component, path: Path, state: dict) -> bool:
-    """Install one node's requirements when needed; True when it did."""
+def _converge_one(ctx: Ctx, comp: Component, path: Path, state: dict) -> str | None:
+    """Install one node's requirements when needed; what was done (None: nothing needed)."""
     if (path / ".git").is_dir() and not (path / ".git" / "index").exists():
-        return False  # a clone still in progress: its files are not all there yet
+        return None  # a clone still in progress: its files are not all there yet
     rec = state.get(path.name)
     rec = rec if isinstance(rec, dict) else {}  # a hand-edited state file is not trusted
     commit = gitops.head(path)
@@ -109,7 +111,15 @@ def _converge_one(ctx: Ctx, comp: Component, path: Path, state: dict) -> bool:
     moved = rec.get("commit") != commit or rec.get("deps") != digest
     problem = gitops.deps_problem(ctx, path, None)
     if not moved and problem is None:
-        return False
+        return None
+    new = path.name not in state
+    has_req = gitops.requirements_file(path).is_file()
+    has_script = (path / "install.py").is_file()
     gitops.install_deps(comp, ctx, path, path.name)
     state[path.name] = {"commit": commit, "deps": digest}
-    return True
+    done = [w for w, yes in (("requirements installed", has_req),
+                             ("install.py run", has_script)) if yes]
+    if done:
+        return ", ".join(done)
+    return ("new node, nothing to install (no requirements.txt or install.py)" if new else
+            "changed, nothing to install (no requirements.txt or install.py)")

@@ -55,7 +55,7 @@ def _not_running(snap: dict | None, expected: bool, supervised: bool, what: str
     if not expected:
         return Result("skip", "ComfyUI is not managed by this agent (--no-comfyui)")
     if state == "stopped":
-        return Result("skip", "ComfyUI is not started yet (waiting for required components)")
+        return Result("skip", "ComfyUI waits for the required components (not started yet)")
     if state == "starting" and what == "http":
         return Result("skip", "ComfyUI is starting: checks begin after its first answer",
                       data={"state": state})
@@ -109,7 +109,9 @@ def http(ctx: CheckCtx) -> Result:
     parts = [f"answered in {latency * 1000:.0f} ms", f"ComfyUI {info['comfyui_version']}",
              f"torch {info['pytorch_version']}"]
     for d in devs:
-        if d.get("vram_total"):
+        if _is_cpu(d):  # ComfyUI --cpu reports system RAM as the "cpu" device's VRAM
+            parts.append("no GPU (runs on the CPU)")
+        elif d.get("vram_total"):
             parts.append(f"{d.get('name')}: {_gib(d.get('vram_free'))}/"
                          f"{_gib(d.get('vram_total'))} GiB VRAM free")
     if not devs:
@@ -118,6 +120,11 @@ def http(ctx: CheckCtx) -> Result:
         return Result("warn", f"slow: {', '.join(parts)} (warn above "
                               f"{ctx.settings['warn_latency']:g}s)", data=info)
     return Result("ok", ", ".join(parts), data=info)
+
+
+def _is_cpu(device: dict) -> bool:
+    return str(device.get("type") or "").lower() == "cpu" or \
+        str(device.get("name") or "").lower() == "cpu"
 
 
 def _gib(n: Any) -> str:
