@@ -43,8 +43,10 @@ class LogReporter:
         if key in self.logged:
             return
         self.logged.add(key)
-        level = "WARNING" if outcome.status in ("failed", "blocked") else \
-            "INFO" if outcome.status == "installed" or outcome.name in self._started else "DEBUG"
+        news = outcome.status == "installed" or outcome.name in self._started or \
+            outcome.message.startswith("repaired") or outcome.message == "stopped"
+        level = "WARNING" if outcome.status in ("failed", "blocked") and \
+            outcome.message != "stopped" else "INFO" if news else "DEBUG"
         logger.log(level, describe(outcome))
 
 

@@ -57,6 +57,34 @@ def test_progress_log_never_repeats_a_status(ws):
     assert not REPEATS.search(text), text
 
 
+def test_agent_log_levels_and_each_outcome_once():
+    from loguru import logger
+
+    from agent.model import Action, Step
+    from agent.reconcile import LogReporter
+
+    seen: list[str] = []
+    sink = logger.add(lambda m: seen.append(f"{m.record['level'].name} {m.record['message']}"),
+                      level="DEBUG", format="{message}")
+    try:
+        r = LogReporter("foreground")
+        r.begin(Step("a", Action.INSTALL, "no marker", ()))
+        r.end(Outcome("a", "installed", "installed in 1.0s (-)"))
+        r.end(Outcome("b", "failed", "exit 3"))
+        r.log(Outcome("b", "failed", "exit 3"))  # the pass's summary: not again
+        r.end(Outcome("c", "blocked", "blocked by b"))
+        r.end(Outcome("d", "already", "already installed (t, -)"))
+        r.end(Outcome("e", "already", "repaired by reinstalling its dependency a; kept"))
+        r.end(Outcome("f", "failed", "stopped"))  # cut short by shutdown: no warning
+    finally:
+        logger.remove(sink)
+    assert seen == ["INFO a: installing (no marker)", "INFO a: installed in 1.0s (-)",
+                    "WARNING b: failed: exit 3", "WARNING c: blocked by b",
+                    "DEBUG d: already installed (t, -)",
+                    "INFO e: repaired by reinstalling its dependency a; kept",
+                    "INFO f: failed: stopped"]
+
+
 # ---------------------------------------------------------------------- user nodes
 def test_new_user_node_says_what_was_installed(ws):
     use(ws, {"a": counting(ws, "a")})
