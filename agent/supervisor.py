@@ -18,6 +18,7 @@ the stop timeout).
 from __future__ import annotations
 
 import enum
+import http.client
 import json
 import os
 import random
@@ -801,10 +802,13 @@ class Supervisor:
         return comfyui_url(self.settings, path)
 
     def _get_json(self, path: str) -> Any:
-        with self._opener.open(self._url(path), timeout=self.http_timeout) as resp:
-            if resp.status != 200:
-                raise OSError(f"HTTP {resp.status}")
-            return json.loads(resp.read())
+        try:
+            with self._opener.open(self._url(path), timeout=self.http_timeout) as resp:
+                if resp.status != 200:
+                    raise OSError(f"HTTP {resp.status}")
+                return json.loads(resp.read())
+        except http.client.HTTPException as exc:  # a reply cut short: ComfyUI died mid-answer
+            raise OSError(f"{path}: incomplete reply ({type(exc).__name__})") from None
 
     def _probe(self) -> bool:
         try:
