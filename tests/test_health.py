@@ -372,6 +372,7 @@ def test_sageattention_results_are_cached_by_fingerprint(ws, tmp_path, gpu):
 
 
 # ---------------------------------------------------------------------- self-healing
+@pytest.mark.slow  # over 2.5 s
 def test_reinstall_rate_limit_quarantine_and_release(ws, tmp_path, gpu, report):
     fakes = tmp_path / "fakes"
     set_fakes(fakes, sage="kernel_error")
@@ -555,6 +556,7 @@ def test_a_hanging_check_is_bounded_and_reported(ws, monkeypatch):
 
 
 # ---------------------------------------------------------------------- reports
+@pytest.mark.slow  # over 2.5 s
 def test_health_jsonl_stays_valid_json_lines_under_load_rotation_and_deletion(ws):
     cfg = configure(ws, checks={"disk": {"warn_free_gb": 0, "fail_free_gb": 0}},
                     report_max_size="40 KB", report_retention=1000)
@@ -562,7 +564,9 @@ def test_health_jsonl_stays_valid_json_lines_under_load_rotation_and_deletion(ws
     agent_log.health_report(logs / "health.jsonl", cfg.health["report_max_size"],
                             cfg.health["report_retention"])
     try:
-        monitor = h.Monitor(cfg, Recorder().hooks())
+        # source="cli" (`health --now`) writes every result; the agent writes only changes
+        # (tests/test_quiet.py)
+        monitor = h.Monitor(cfg, Recorder().hooks(), source="cli")
 
         def burst(n: int) -> None:
             for i in range(n):
@@ -621,6 +625,7 @@ def test_disk_and_gpu_checks(ws, tmp_path):
     assert monitor.run("disk")["status"] == "fail"
 
 
+@pytest.mark.slow  # over 2.5 s
 def test_cli_health_now_latest_json_and_exit_codes(ws):
     none = run_cli("health", *ws.args())
     assert none.returncode == 1 and none.stderr.startswith("error: no health report yet")

@@ -285,6 +285,7 @@ def test_illegal_transition_raises(pod):
 
 
 # ---------------------------------------------------------------------- failures
+@pytest.mark.slow  # a real crash loop: 2.5 s
 def test_crash_loop_backs_off_then_degrades_and_keeps_retrying(pod):
     pod.set("crash")  # the fake exits 1 at start while this file exists
     sup = pod.supervisor(degraded_after=3)
