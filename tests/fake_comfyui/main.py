@@ -24,6 +24,7 @@ Environment:
                                 listening, as ComfyUI-Manager or a node installing at import does;
                                 with FAKE_COMFY_PIP_ONCE=1 only while <control>/pip_done is absent
                                 (written after the first run)
+  FAKE_COMFY_PIP_WAIT=name      before that pip run, wait (at most 60 s) for <control>/<name>
 """
 
 from __future__ import annotations
@@ -205,6 +206,11 @@ def main() -> None:
     once = os.environ.get("FAKE_COMFY_PIP_ONCE") == "1"
     if pip_args and not (once and control("pip_done").exists()):
         import shlex
+
+        gate = os.environ.get("FAKE_COMFY_PIP_WAIT")
+        deadline = time.monotonic() + 60
+        while gate and not control(gate).exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
 
         proc = subprocess.run([sys.executable, "-m", "pip", "install", "-q",
                                *shlex.split(pip_args)], capture_output=True, text=True)
