@@ -190,6 +190,30 @@ def test_rm_all_markers_is_one_ordered_reinstall(aws):
 
 
 @pytest.mark.slow  # starts the agent
+@pytest.mark.xfail(strict=False, reason="a burst landing while a pass observes the components "
+                   "is split between that pass and the next: dependents are reinstalled before "
+                   "their dependencies (agent/execute.py: a step does not look again at "
+                   "dependencies it observed installed at the start of the pass)")
+def test_rm_all_markers_during_a_pass_is_still_in_dependency_order(aws):
+    install_all(aws)
+    agent = aws.start_agent()
+    wait_for(lambda: "reconcile (foreground)" in agent.log(), 30, interval=0.005,
+             what="the resume pass started")
+    progress = aws.root / "installation_progress.log"
+    offset = len(progress.read_text())
+    for marker in aws.markers.glob("*.done"):
+        marker.unlink()
+    wait_for(lambda: all(aws.marker(n).exists() for n in (
+        "comfyui_core", "dependencies_main", "dependencies_additional", "custom_nodes",
+        "gguf_node", "overall_installation")), 90, what="all reinstalled")
+    new = progress.read_text()[offset:]
+    order = [line.split("] ")[1].split(":")[0] for line in new.splitlines()
+             if ": installing" in line or ": reinstalling" in line]
+    assert order == ["comfyui_core", "dependencies_main", "dependencies_additional",
+                     "custom_nodes", "gguf_node"], new
+
+
+@pytest.mark.slow  # starts the agent
 def test_new_node_gets_requirements_and_one_restart_after_quiet_period(aws, wheels):
     install_all(aws)
     aws.start_agent()
@@ -293,18 +317,6 @@ def test_resume_starts_comfyui_before_background_work_and_sage_flag_follows_prob
     wait_for(lambda: len(starts(aws)) >= 2, 30, what="restart after sageattention installed")
     assert "--use-sage-attention" in starts(aws)[-1]["argv"]
     assert agent.proc.poll() is None
-
-
-@pytest.mark.slow  # starts the agent
-def test_sighup_with_invalid_config_keeps_old_one(aws):
-    agent = aws.start_agent()
-    wait_for(lambda: running(aws), 60, what="ComfyUI running")
-    good = aws.config_path.read_text()
-    aws.config_path.write_text(good + "\ncomponents: [oops\n")
-    agent.proc.send_signal(signal.SIGHUP)
-    wait_for(lambda: "keeping the old one" in agent.log(), 10, what="reload refused")
-    assert agent.proc.poll() is None and running(aws)
-    aws.config_path.write_text(good)
 
 
 @pytest.mark.slow  # starts the agent
