@@ -354,10 +354,14 @@ class Daemon:
                                replace_existing=True)
 
     def _after_ready(self, pid: int) -> None:
-        dists = self._drift_check("during ComfyUI start",
-                                  f"ComfyUI (pid {pid}) or a custom node it loaded", wait=120.0)
-        if dists is not None and self._loaded is not None:
-            # what it imported is what was there once it answered
+        self._drift_check("during ComfyUI start",
+                          f"ComfyUI (pid {pid}) or a custom node it loaded", wait=120.0,
+                          started=True)
+
+    def _loaded_dists(self, dists: dict[str, str]) -> None:
+        """What ComfyUI imported is what was there once it answered (set before a drift is
+        reported: the repair it asks for is then compared with this)."""
+        if self._loaded is not None:
             self._loaded = (self._loaded[0], self._loaded[1], tuple(sorted(dists.items())))
 
     def _drift_between_checks(self) -> None:
@@ -366,7 +370,8 @@ class Daemon:
         except Exception as exc:  # noqa: BLE001 - the periodic reconcile goes on
             logger.warning(f"drift: check failed: {exc}")
 
-    def _drift_check(self, source: str, by: str | None, wait: float) -> dict[str, str] | None:
+    def _drift_check(self, source: str, by: str | None, wait: float,
+                     started: bool = False) -> dict[str, str] | None:
         """Compare the dists with the baseline and move the baseline; report a difference that
         no install pass of this agent made. Skipped (the baseline kept) while a pass runs and
         does not end within `wait` s. Returns the dists read (None: not read)."""
@@ -384,6 +389,8 @@ class Daemon:
             before, self._baseline = self._baseline, now
             same = touched == self._baseline_touched == self._touched
             self._baseline_touched = self._touched
+            if started:
+                self._loaded_dists(now)
         if before is None or not same:
             return now
         d = envdrift.diff(before, now)
