@@ -445,12 +445,17 @@ def render_health(data: dict[str, Any]) -> str:
 
     now = time.time()
     head = f"health: {data['verdict'].upper()}"
+    if data.get("stale") and data.get("reported_verdict"):
+        head += f" (the report said {str(data['reported_verdict']).upper()})"
     if data.get("time"):
         head += f"   (report by {data.get('source', '?')} pid {data.get('pid', '?')} on " \
                 f"{data.get('host', '?')})"
+    stale = data.get("stale_checks") or {}
     rows = [("CHECK", "STATUS", "WHEN", "TOOK", "ACTION", "DETAIL")]
     for name, e in data["checks"].items():
         when = _age(now - parse_time(e.get("time"))) + " ago" if e.get("time") else "-"
+        if name in stale:
+            when += " STALE"
         try:
             took = f"{float(e.get('duration') or 0):.2f}s"
         except (TypeError, ValueError):
@@ -460,7 +465,11 @@ def render_health(data: dict[str, Any]) -> str:
                      " ".join(str(e.get("detail") or "").split())[:2000]))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     awidth = min(32, max(len(r[4]) for r in rows))
-    lines = [head, ""]
+    lines = [head]
+    if data.get("stale"):
+        lines += [f"STALE: {data.get('stale_reason')}: the results below are not current; "
+                  "start the agent (`pod-agent run`) or run `pod-agent health --now`"]
+    lines.append("")
     for r in rows:
         action = r[4] if len(r[4]) <= awidth else r[4][:awidth - 3] + "..."
         lines.append("  ".join(r[i].ljust(widths[i]) for i in range(4)) + "  "
@@ -483,7 +492,10 @@ def health(
     workspace: WorkspaceOpt = None,
     config: ConfigOpt = None,
 ) -> None:
-    """The latest health report (exit 0 healthy, 1 degraded, 2 failing)."""
+    """The latest health report (exit 0 healthy, 1 degraded or stale, 2 failing).
+
+    A report is stale when the agent that wrote it no longer runs or a check's result is
+    older than 3 intervals: it is then never HEALTHY (exit 1, or 2 when it said failing)."""
     from agent import health as h
     from agent.checks import REGISTRY
     from agent.redact import redact
@@ -515,11 +527,17 @@ def health(
                              f"`pod-agent health --now --check {check}`")
         checks = {check: checks[check]}
     quarantined = state.get("quarantined") or {}
-    data = dict(state, checks=checks,
-                verdict=h.verdict((e.get("status") for e in checks.values()),
-                                  bool(quarantined) and check is None))
+    reported = h.verdict((e.get("status") for e in checks.values()),
+                         bool(quarantined) and check is None)
+    # a saved report from an agent that is gone, or too old, is not the pod's health now
+    fresh = {"stale": False, "reason": None, "checks": {}} if now \
+        else h.staleness(conf, state, checks)
+    checks = {n: dict(e, stale=n in fresh["checks"]) for n, e in checks.items()}
+    data = dict(state, checks=checks, verdict="stale" if fresh["stale"] else reported,
+                reported_verdict=reported, stale=fresh["stale"], stale_reason=fresh["reason"],
+                stale_checks=fresh["checks"])
     _out(json.dumps(data, indent=2) if json_out else render_health(data))
-    code = h.EXIT_CODES[data["verdict"]]
+    code = max(h.EXIT_CODES[data["verdict"]], h.EXIT_CODES[reported])
     if code:
         raise typer.Exit(code)
 

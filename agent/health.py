@@ -14,11 +14,19 @@ runs the same checks in the CLI process, report-only.
   rate-limited (`health.reinstall_limit` per component, `health.restart_limit` for ComfyUI, per
   `health.limit_window`); a component over its limit is quarantined and reported until the
   window has passed, it is proven healthy, or someone reinstalls it by hand.
-- Every result is one JSON line in <workspace>/logs/health.jsonl (a loguru sink, see agent/log.py)
-  with time, check, status (ok/warn/fail/skip), detail, duration, action (plus failures, data);
-  a `summary` record carries the overall verdict whenever it changes and every
-  `health.summary_interval`. The latest result of every check is also kept in
-  <state_dir>/run/<host>/health.json, replaced atomically.
+- <workspace>/logs/health.jsonl (a loguru sink, see agent/log.py) holds one JSON object per line
+  with stable keys: a check record (time, check, status ok/warn/fail/skip, detail, duration,
+  action, failures, data, previous) when a check's result *changes* - its status, or the class of
+  its detail (the detail with its numbers blanked: `12.3 GiB free` and `11.9 GiB free` are one
+  class, a different failure is another) - or when an on-fail action is taken; an unchanged
+  result is not written again. A `summary` record (verdict, checks, runs: how many runs of each
+  check since the previous summary) is written whenever the verdict changes and every
+  `health.summary_interval`. `pod-agent health --now` writes every result it ran. The latest
+  result of every check is kept in <state_dir>/run/<host>/health.json, replaced atomically at
+  every run, with the writing agent's pid and start time.
+- A report is stale (`staleness`) when the agent that wrote it is gone, or a check's result is
+  older than STALE_FACTOR x its interval (plus its timeout): `pod-agent health` and `status` then
+  say so and never call it healthy.
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import socket
 import threading
 import time
@@ -43,14 +52,15 @@ from agent.redact import MIN_REGISTERED
 from agent.markers import atomic_write, read_json
 from agent.model import AgentError, Config
 
-VERDICTS = ("healthy", "degraded", "failing")
-EXIT_CODES = {"healthy": 0, "degraded": 1, "failing": 2}
+VERDICTS = ("healthy", "degraded", "failing", "stale")
+EXIT_CODES = {"healthy": 0, "degraded": 1, "failing": 2, "stale": 1}
+STALE_FACTOR = 3.0  # a check's result older than this many intervals (+ its timeout) is stale
 GRACE = 8.0  # beyond a check's timeout: room for killing its subprocess group
 STATE_FILE = "health.json"
 ACTIONS_FILE = "health-actions.json"
 
 __all__ = ["Monitor", "Hooks", "Result", "verdict", "report_path", "state_path", "load_state",
-           "EXIT_CODES"]
+           "EXIT_CODES", "staleness", "detail_class"]
 
 
 # ---------------------------------------------------------------------- paths and helpers
@@ -115,6 +125,94 @@ def load_state(config: Config) -> dict | None:
     return dict(data, checks=checks, quarantined=quarantined)
 
 
+_NUMBER = re.compile(r"\d+(?:[.:]\d+)*")
+
+
+def detail_class(status: str, detail: Any) -> tuple[str, str]:
+    """What makes a check result a new event in health.jsonl: its status and its detail with the
+    numbers blanked (a free-space figure or a latency that moves is the same result; another
+    message is a different one)."""
+    return status, _NUMBER.sub("#", " ".join(str(detail or "").split()))
+
+
+def _writer_alive(state: dict) -> tuple[bool | None, int | None]:
+    """Whether the agent that wrote the report's agent results still runs: (None, None) when no
+    agent wrote it; else (alive, its pid). pid and start time must both match (pids are reused)."""
+    from agent.procs import alive
+
+    agent = state.get("agent")
+    if not isinstance(agent, dict):  # a report from before `agent` was recorded
+        if state.get("source") != "agent":
+            return None, None
+        agent = {"pid": state.get("pid"), "create_time": state.get("create_time")}
+    pid, created = agent.get("pid"), agent.get("create_time")
+    if not isinstance(pid, int) or isinstance(pid, bool):
+        return False, None
+    if not isinstance(created, (int, float)) or isinstance(created, bool):
+        created = None
+    return alive(pid, created) is not None, pid
+
+
+def staleness(config: Config, state: dict, names: Iterable[str] | None = None,
+              now: float | None = None) -> dict[str, Any]:
+    """Whether a saved report (load_state) can be believed now: {"stale": bool, "reason": one
+    line or None, "checks": {name: why} for each stale check, "agent_gone": pid or None}.
+
+    A check's result is stale when the agent that wrote it no longer runs (pid and start time),
+    or it is older than STALE_FACTOR x its interval plus its timeout (an agent that hangs, a
+    scheduler that stopped, a disabled health section)."""
+    now = time.time() if now is None else now
+    checks = state.get("checks") or {}
+    names = list(checks) if names is None else [n for n in names if n in checks]
+    alive_, writer = _writer_alive(state)
+    settings = config.health["checks"]
+    out: dict[str, str] = {}
+    gone_ages: list[float] = []
+    for name in names:
+        e = checks[name]
+        when = parse_time(e.get("time"))
+        age = now - when if when else None
+        if e.get("source", state.get("source")) == "agent" and alive_ is not None:
+            pid = e.get("pid", writer)
+            if not alive_ or pid != writer:
+                out[name] = f"written by pod-agent pid {pid}, which is no longer running"
+                gone_ages.append(age if age is not None else float("inf"))
+                continue
+        s = settings.get(name)
+        if age is None:
+            out[name] = "its time is unreadable"
+        elif s is not None and age > STALE_FACTOR * s["interval"] + s["timeout"]:
+            out[name] = (f"{_ago(age)} old; it runs every {_ago(s['interval'])} "
+                         f"(stale after {STALE_FACTOR:g} intervals)")
+    reason = None
+    if gone_ages:
+        reason = (f"report from pod-agent pid {writer if not alive_ else '?'}, which is no "
+                  f"longer running, {_ago(min(gone_ages))} ago")
+        if alive_:  # a newer agent runs: these results are its predecessor's
+            pids = sorted({str(checks[n].get('pid', '?')) for n in out
+                           if n in checks and 'no longer' in out[n]})
+            reason = (f"results from pod-agent pid {', '.join(pids)}, which is no longer "
+                      f"running, {_ago(min(gone_ages))} ago (pod-agent pid {writer} runs now "
+                      "and has not run those checks yet)")
+    elif out:
+        reason = "stale: " + ", ".join(f"{n} ({why})" for n, why in out.items())
+    return {"stale": bool(out), "reason": reason, "checks": out,
+            "agent_gone": writer if gone_ages and not alive_ else None}
+
+
+def _ago(seconds: float) -> str:
+    if seconds == float("inf"):
+        return "?"
+    seconds = max(0.0, seconds)
+    if seconds < 120:
+        return f"{seconds:.0f}s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f}m"
+    if seconds < 172800:
+        return f"{seconds / 3600:.0f}h"
+    return f"{seconds / 86400:.0f}d"
+
+
 REPORT_MIN_FREE = 1 << 20  # bytes: below this the CLI does not open the health report
 
 
@@ -159,6 +257,22 @@ def close_report() -> None:
         agent_log.close_health_report()
     except (OSError, ValueError):
         pass
+
+
+_CREATED: dict[int, float] = {}
+
+
+def _create_time() -> float | None:
+    """This process's start time (psutil's, as agent.json and procs.alive use it)."""
+    pid = os.getpid()
+    if pid not in _CREATED:
+        try:
+            import psutil
+
+            _CREATED[pid] = psutil.Process(pid).create_time()
+        except Exception:  # noqa: BLE001 - without it staleness falls back to the pid
+            return None
+    return _CREATED[pid]
 
 
 # ---------------------------------------------------------------------- rate limit
@@ -259,6 +373,8 @@ class Monitor:
         self._memo: dict[str, dict[str, Any]] = {name: {} for name in REGISTRY}
         self._verdict: str | None = None
         self._last_summary: tuple | None = None
+        self._written: dict[str, tuple[str, str]] = {}  # check -> class of its last record
+        self._runs: dict[str, int] = {}  # runs of each check since the last summary
         self.limiter = Limiter(config.state_dir / ACTIONS_FILE)
         self.grace = GRACE
         self._stop = threading.Event()
@@ -416,7 +532,17 @@ class Monitor:
                            "action": action, "failures": self._consecutive.get(name, 0),
                            "data": r.data})
             self.latest[name] = entry
-        self._emit(entry)
+            self._runs[name] = self._runs.get(name, 0) + 1
+            # health.jsonl gets what changed: a new status or kind of detail, an action taken
+            # (a person's `health --now` gets every result it ran)
+            key = detail_class(entry["status"], entry["detail"])
+            last = self._written.get(name)
+            acted = action != "none" and not action.startswith("waiting")
+            write = self.source != "agent" or acted or last != key
+            if write:
+                self._written[name] = key
+        if write:
+            self._emit(dict(entry, previous=last[0] if last else None))
         if self.source != "agent":
             pass  # the CLI prints the report itself
         elif prev is None or prev["status"] != entry["status"]:
@@ -458,6 +584,7 @@ class Monitor:
             v = verdict(checks.values(), bool(quarantined))
             self._verdict = v
             self._last_summary = (v, tuple(sorted(quarantined)))
+            runs, self._runs = self._runs, {}
         counts = {st: sum(1 for x in checks.values() if x == st) for st in STATUSES}
         bad = [f"{n} {st}" for n, st in checks.items() if st in ("fail", "warn")]
         detail = ", ".join(f"{counts[st]} {st}" for st in STATUSES if counts[st]) or "no checks"
@@ -469,6 +596,7 @@ class Monitor:
                      "status": {"healthy": "ok", "degraded": "warn", "failing": "fail"}[v],
                      "verdict": v, "detail": detail, "duration": round(duration, 3),
                      "action": "none", "checks": checks,
+                     "runs": {n: runs.get(n, 0) for n in enabled},
                      "quarantined": {k: q.get("reason") for k, q in quarantined.items()}})
         self._emit(rec)
         return rec
@@ -513,12 +641,17 @@ class Monitor:
         for n, e in mine.items():
             if n not in merged or parse_time(e.get("time")) >= \
                     parse_time(merged[n].get("time")):
-                merged[n] = dict(e, source=self.source)
+                merged[n] = dict(e, source=self.source, pid=os.getpid())
         keep = enabled | set(mine)  # a disabled check run by hand (--check) is kept too
         merged = {n: merged[n] for n in REGISTRY if n in merged and n in keep}
         quarantined = self.limiter.quarantined()
+        # the agent whose results these are (kept when `health --now` merges its own in), so a
+        # reader can tell a report from an agent that is gone (`staleness`)
+        agent = old.get("agent") if isinstance(old.get("agent"), dict) else None
+        if self.source == "agent":
+            agent = {"pid": os.getpid(), "create_time": _create_time()}
         return clean({"time": iso(), "host": socket.gethostname(), "pid": os.getpid(),
-                      "source": self.source,
+                      "source": self.source, "agent": agent,
                       "verdict": verdict((e.get("status", "fail") for e in merged.values()),
                                          bool(quarantined)),
                       "checks": merged,

@@ -154,14 +154,17 @@ def verdict(config: Config, comps: dict[str, dict[str, Any]],
 
 def health_summary(config: Config) -> dict[str, Any] | None:
     """The latest health report in brief (`pod-agent health` has the details)."""
-    from agent.health import load_state
+    from agent.health import load_state, staleness
 
     state = load_state(config)
     if state is None:
         return None
     checks = {n: e.get("status") for n, e in state["checks"].items() if isinstance(e, dict)}
-    return {"verdict": state.get("verdict"), "time": state.get("time"), "checks": checks,
-            "quarantined": sorted(state.get("quarantined") or {})}
+    fresh = staleness(config, state)  # a dead agent's last report is not HEALTHY now
+    return {"verdict": "stale" if fresh["stale"] else state.get("verdict"),
+            "time": state.get("time"), "checks": checks,
+            "quarantined": sorted(state.get("quarantined") or {}),
+            "stale": fresh["stale"], "stale_reason": fresh["reason"]}
 
 
 def collect(config: Config, gpu: bool | None = None) -> dict[str, Any]:
