@@ -222,8 +222,10 @@ def install(
 ) -> None:
     """Converge the workspace: install what is missing, broken or out of date."""
     from agent.execute import Executor
+    from agent.markers import clean_temps
 
     conf = _load(config, workspace, create=True)
+    clean_temps(conf)  # temp files of writes a kill -9 cut short
     printer = _Printer(enabled=not json_out)
     report = Executor(conf, reporter=printer).run(names or None, force=force)
     if json_out:

@@ -29,7 +29,7 @@ from agent.execute import Report
 from agent.fserr import describe
 from agent.health import Hooks, Monitor, report_path
 from agent.kinds.base import Ctx
-from agent.markers import atomic_write
+from agent.markers import atomic_write, clean_temps
 from agent.locks import Lock, read_holder
 from agent.model import AgentError, Config, ConfigError, State
 from agent.observe import OK_STATES, observe_one
@@ -403,8 +403,11 @@ class Daemon:
         self._drift_repeats = self._drift_repeats + 1 if key == self._last_drift_key else 1
         self._last_drift_key = key
         affected = envdrift.affected(self.config, envdrift.names(d))
-        rec = envdrift.record(source, d, by or "", affected, self._drift_repeats)
-        text = f"environment drift {source}: {rec['summary']}" + (f" (by {by})" if by else "")
+        rec = envdrift.record(source, d, by or "", affected, self._drift_repeats,
+                              envdrift.installers(self.config.comfyui.python, d))
+        who = envdrift.who(rec)
+        text = f"environment drift {source}: {rec['summary']}" + (
+            f" ({'by ' if by else ''}{who})" if who else "")
         try:
             envdrift.append(self.config, rec)
             self._history_failed = False
@@ -586,6 +589,7 @@ class Daemon:
             holder = read_holder(cfg.runtime_dir / "agent.lock") or {}
             raise AgentError(f"another pod-agent (pid {holder.get('pid', '?')}) already runs "
                              f"for {cfg.workspace} on this host; stop it first")
+        clean_temps(cfg)  # temp files of writes a kill -9 cut short
         self._signals()
         self._build()
         logger.info(f"pod-agent {__import__('agent').__version__} starting: workspace "

@@ -16,6 +16,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import stat
 import tempfile
 import time
@@ -236,6 +237,49 @@ def atomic_write(path: Path, text: str) -> None:
             os.close(dfd)
     except OSError:  # pragma: no cover - some network filesystems refuse a directory fsync
         pass
+
+
+TEMP_MAX_AGE = 60.0  # seconds: an atomic_write temp file older than this was left by a crash
+_TEMP_NAME = re.compile(r"\.[^/]+\.[a-z0-9_]{8}\.tmp")  # mkstemp in atomic_write
+
+
+def clean_stale_temps(folders, max_age: float = TEMP_MAX_AGE,
+                      now: float | None = None) -> list[Path]:
+    """Remove the temp files atomic_write leaves when its process is killed mid-write (kill -9):
+    regular files directly in folders named like `.<name>.<8 chars>.tmp` and not modified for
+    max_age seconds (a write in progress takes milliseconds). Nothing else is touched; symlinks,
+    folders and younger files are left; errors are ignored. Returns what was removed."""
+    now = time.time() if now is None else now
+    removed: list[Path] = []
+    for folder in dict.fromkeys(Path(f) for f in folders):
+        try:
+            entries = list(os.scandir(folder))
+        except OSError:
+            continue
+        for entry in entries:
+            if not _TEMP_NAME.fullmatch(entry.name):
+                continue
+            try:
+                st = entry.stat(follow_symlinks=False)
+                if not stat.S_ISREG(st.st_mode) or now - st.st_mtime < max_age:
+                    continue
+                os.unlink(entry.path)
+            except OSError:
+                continue
+            removed.append(Path(entry.path))
+    return removed
+
+
+def clean_temps(config) -> list[Path]:
+    """clean_stale_temps in the folders the agent writes state to (state dir, runtime dir,
+    markers folder), logged; called at agent start and at `pod-agent install` start."""
+    removed = clean_stale_temps((config.state_dir, config.runtime_dir, config.markers_dir))
+    if removed:
+        from loguru import logger
+
+        logger.info("removed {} stale temporary file(s) left by an interrupted write: {}",
+                    len(removed), ", ".join(str(p) for p in removed[:10]))
+    return removed
 
 
 def read_json(path: Path) -> dict | None:
