@@ -403,11 +403,8 @@ class Daemon:
         self._drift_repeats = self._drift_repeats + 1 if key == self._last_drift_key else 1
         self._last_drift_key = key
         affected = envdrift.affected(self.config, envdrift.names(d))
-        rec = envdrift.record(source, d, by or "", affected, self._drift_repeats,
-                              envdrift.installers(self.config.comfyui.python, d))
-        who = envdrift.who(rec)
-        text = f"environment drift {source}: {rec['summary']}" + (
-            f" ({'by ' if by else ''}{who})" if who else "")
+        rec = envdrift.record(source, d, by or "", affected, self._drift_repeats)
+        text = f"environment drift {source}: {rec['summary']}" + (f" (by {by})" if by else "")
         try:
             envdrift.append(self.config, rec)
             self._history_failed = False
