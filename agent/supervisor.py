@@ -814,8 +814,13 @@ class Supervisor:
         try:
             data = self._get_json("/system_stats")
         except (OSError, ValueError, urllib.error.URLError) as exc:
-            logger.debug("ComfyUI /system_stats: {}", exc)
+            # said once per process and kind of error, not every poll while ComfyUI starts
+            said = (self._pid, str(exc))
+            if getattr(self, "_probe_said", None) != said:
+                self._probe_said = said
+                logger.debug("ComfyUI /system_stats: {} (said once until it changes)", exc)
             return False
+        self._probe_said = None
         return isinstance(data, dict)
 
     def _queue_idle(self) -> bool | None:
