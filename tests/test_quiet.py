@@ -214,3 +214,21 @@ def test_health_after_the_agent_was_sigkilled_says_so(aws):  # noqa: F811
     text = run_cli("status", *aws.args()).stdout
     line = next(x for x in text.splitlines() if x.startswith("HEALTH"))
     assert "STALE" in line and "HEALTHY" not in line, text
+
+
+# ---------------------------------------------------------------------- the agent log
+def test_connection_refused_while_comfyui_starts_is_logged_once(tmp_path):
+    from loguru import logger
+
+    from tests.test_supervisor import Pod
+
+    sup = Pod(tmp_path).supervisor()  # nothing listens on its port: every probe is refused
+    lines: list[str] = []
+    sink = logger.add(lines.append, level="DEBUG", format="{message}")
+    try:
+        for _ in range(20):
+            assert sup._probe() is False
+    finally:
+        logger.remove(sink)
+    said = [x for x in lines if "/system_stats" in x]
+    assert len(said) == 1 and "refused" in said[0].lower(), lines
