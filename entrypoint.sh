@@ -3,8 +3,11 @@
 #
 #   POD_AGENT_WORKSPACE   the persistent volume (default /workspace)
 #   POD_AGENT_CONFIG      a config file replacing the built-in default (optional)
-#   POD_AGENT_SPEC        what to pip-install when the image has no pod-agent (default:
-#                         comfy-pod-agent); installed into $POD_AGENT_VENV on the volume
+#   POD_AGENT_SOURCE      what to pip-install when the image has no pod-agent: a checkout
+#                         path, a git URL (git+https://github.com/OWNER/comfy-pod-agent) or a
+#                         wheel (the package is not on PyPI). Default: the checkout this script
+#                         sits in, when it is one; else the script stops with one line.
+#                         Installed into $POD_AGENT_VENV on the volume. (POD_AGENT_SPEC: old name)
 #   POD_AGENT_VENV        default $WORKSPACE/.pod-agent/agent-venv
 #   POD_AGENT_TEMPLATE_REPO / POD_AGENT_TEMPLATE_DIR
 #                         a template or config repository to clone or `git pull` on every start
@@ -40,9 +43,22 @@ if command -v pod-agent >/dev/null 2>&1; then
 else
   venv="${POD_AGENT_VENV:-$WS/.pod-agent/agent-venv}"
   if [ ! -x "$venv/bin/pod-agent" ]; then
-    log "installing ${POD_AGENT_SPEC:-comfy-pod-agent} into $venv"
+    src="${POD_AGENT_SOURCE:-${POD_AGENT_SPEC:-}}"
+    if [ -z "$src" ]; then
+      here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+      if grep -qs '^name = "comfy-pod-agent"' "$here/pyproject.toml"; then
+        src="$here"
+      else
+        log "error: pod-agent is not installed and $here is not a comfy-pod-agent checkout: set POD_AGENT_SOURCE to a checkout path, a git URL (git+https://...) or a wheel"
+        exit 1
+      fi
+    fi
+    log "installing the agent from $src into $venv"
     python3 -m venv "$venv"
-    "$venv/bin/python" -m pip install --quiet "${POD_AGENT_SPEC:-comfy-pod-agent}"
+    if ! "$venv/bin/python" -m pip install --quiet "$src"; then
+      log "error: pip install of $src into $venv failed (output above): fix POD_AGENT_SOURCE or the network and restart"
+      exit 1
+    fi
   fi
   AGENT="$venv/bin/pod-agent"
 fi

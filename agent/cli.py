@@ -21,15 +21,55 @@ from typing_extensions import Annotated
 
 from agent.model import AgentError, ConfigError
 
+try:  # typer >= 0.22 carries its own copy of click
+    from typer._click.exceptions import UsageError as _UsageError
+    from typer._click.globals import get_current_context as _current_context
+except ImportError:  # pragma: no cover - an older typer on click itself
+    from click.exceptions import UsageError as _UsageError  # type: ignore[no-redef]
+    from click.globals import get_current_context as _current_context  # type: ignore[no-redef]
+
+# rich_markup_mode=None: plain help (no markup eating "[default: ...]") and plain usage errors
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  rich_markup_mode=None,
                   help="Keep a ComfyUI pod installed, healthy and running.")
 
+_WS_HELP = "The persistent volume [default: /workspace]."
+_CONFIG_HELP = "A config file that replaces the built-in default."
 WorkspaceOpt = Annotated[Optional[Path], typer.Option(
-    "--workspace", "-w", envvar="POD_AGENT_WORKSPACE", show_envvar=True,
-    help="The persistent volume [default: /workspace].")]
+    "--workspace", "-w", envvar="POD_AGENT_WORKSPACE", show_envvar=True, help=_WS_HELP)]
 ConfigOpt = Annotated[Optional[Path], typer.Option(
-    "--config", "-c", envvar="POD_AGENT_CONFIG", show_envvar=True,
-    help="A config file that replaces the built-in default.")]
+    "--config", "-c", envvar="POD_AGENT_CONFIG", show_envvar=True, help=_CONFIG_HELP)]
+_COMMON = "pod_agent.common"  # ctx.meta key: --workspace/--config given before the command
+
+
+@app.callback()
+def _common_options(
+    ctx: typer.Context,
+    workspace: Annotated[Optional[Path], typer.Option(
+        "--workspace", "-w", help=_WS_HELP + " Also accepted after the command "
+        "(env POD_AGENT_WORKSPACE).")] = None,
+    config: Annotated[Optional[Path], typer.Option(
+        "--config", "-c", help=_CONFIG_HELP + " Also accepted after the command "
+        "(env POD_AGENT_CONFIG).")] = None,
+) -> None:
+    """Keep a ComfyUI pod installed, healthy and running."""
+    ctx.meta[_COMMON] = {"workspace": workspace, "config": config}
+
+
+def _common_args(kwargs: dict[str, Any]) -> None:
+    """--workspace/--config given before the command (`pod-agent -w DIR status`), as git does:
+    the command's own option wins when given on the command line too, then the one before the
+    command, then the environment variable, then the default."""
+    ctx = _current_context(silent=True)
+    common = ctx.meta.get(_COMMON) if ctx is not None else None
+    if not common:
+        return
+    for name, value in common.items():
+        if name not in kwargs or value is None:
+            continue
+        source = ctx.get_parameter_source(name)
+        if getattr(source, "name", None) != "COMMANDLINE":
+            kwargs[name] = value
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object.")]
 
 
@@ -75,6 +115,7 @@ def handled(fn: Callable[..., Any]) -> Callable[..., Any]:
         from agent.redact import redact
 
         try:
+            _common_args(kwargs)
             return fn(*args, **kwargs)
         except typer.Exit:
             raise
@@ -299,7 +340,8 @@ def render_status(data: dict[str, Any]) -> str:
         rows.append((name, c["state"], _cell(c["timestamp"] or "-", 25),
                      _cell(c["version"] or "-", 40), _cell(c["reason"] or "", 2000)))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    lines = [f"workspace: {data['workspace']}   verdict: {data['verdict'].upper()}", ""]
+    missing = " (MISSING: no such folder)" if data.get("workspace_missing") else ""
+    lines = [f"workspace: {data['workspace']}{missing}   verdict: {data['verdict'].upper()}", ""]
     for r in rows:
         lines.append("  ".join(r[i].ljust(widths[i]) for i in range(4)) + "  " + r[4])
     agent, cui = data.get("agent"), data.get("comfyui")
@@ -359,7 +401,13 @@ def status(json_out: JsonOpt = False, workspace: WorkspaceOpt = None,
     from agent.status import collect
 
     conf = _load(config, workspace)
+    missing = not conf.workspace.exists()  # looked at, never created
     data = collect(conf)
+    data["workspace_missing"] = missing
+    if missing:
+        _err(f"warning: the workspace {conf.workspace} does not exist: nothing is installed "
+             "there; pass the right --workspace (or POD_AGENT_WORKSPACE), or create it with "
+             "`pod-agent install` or `pod-agent run`")
     _out(json.dumps(data, indent=2) if json_out else render_status(data))
     if data["verdict"] != "healthy":
         raise typer.Exit(1)
@@ -581,4 +629,18 @@ def main() -> None:
             stream.reconfigure(errors="backslashreplace")  # type: ignore[union-attr]
         except (AttributeError, ValueError):
             pass
-    app()
+    try:
+        code = app(standalone_mode=False)
+    except _UsageError as exc:
+        if type(exc).__name__ == "NoArgsIsHelpError":  # bare `pod-agent`: the help
+            exc.show()
+            sys.exit(exc.exit_code)
+        # one line, not click's four (usage, hint, blank, error): exit 2 as click does
+        where = exc.ctx.command_path if exc.ctx is not None else "pod-agent"
+        _err(f"usage error: {' '.join(exc.format_message().split())} "
+             f"(see `{where} --help`)")
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        _err("aborted")
+        sys.exit(1)
+    sys.exit(code if isinstance(code, int) else 0)
