@@ -5,22 +5,30 @@ Readers never do work (design.md section 7): /healthz and /readyz read the heart
 supervisor's in-memory snapshot; /status is the agent's cached `status` (an `Observed` value:
 computed in one place, one computation at a time, at most once per STATUS_FRESH seconds however
 many readers ask, again after every reconcile pass) served with its age; /metrics renders at
-most once a second.
+most once a second; the status page (`/`, agent/page.py) is rendered at most once a second from
+that same cached status and a second cached value (the health checks' latest results from the
+monitor's memory, the recent history read from the tails of health.jsonl and history.jsonl, the
+latest reconcile passes), observed the same way.
 """
 
 from __future__ import annotations
 
+import collections
 import json
 import os
+import stat
 import threading
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from loguru import logger
 from prometheus_client import CONTENT_TYPE_LATEST
 
 import agent as agent_pkg
-from agent.health import iso
+from agent import page
+from agent.health import iso, parse_time, report_path
+from agent.health import verdict as health_verdict
 from agent.http import HTTP_FILE, Api, HttpServer
 from agent.markers import atomic_write
 from agent.metrics import Metrics, Sources
@@ -35,6 +43,8 @@ STATUS_FRESH = 5.0  # a copy younger than this is served as it is
 STATUS_USABLE = 60.0  # older: served at once while a new one is computed
 STATUS_WAIT = 10.0  # no usable copy: a reader waits this long for the computation...
 STATUS_WAITERS = 2  # ...but at most this many readers wait; the others get 503 at once
+TAIL_BYTES = 64 * 1024  # how much of health.jsonl and history.jsonl the page reads
+RECONCILES_KEPT = 20  # the latest reconcile passes remembered for the page
 
 
 class Observed:
@@ -127,11 +137,106 @@ def status_answer(observed: Observed) -> tuple[int, dict]:
     return 200, body
 
 
+def tail_jsonl(path: Path, limit: int = 50) -> list[dict]:
+    """The newest JSON objects of a JSON-lines file (oldest first), from its tail only; a
+    missing, unreadable or non-regular file (a FIFO, a link) is no records."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return []
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return []
+        os.lseek(fd, max(0, st.st_size - TAIL_BYTES), os.SEEK_SET)
+        data = os.read(fd, TAIL_BYTES)
+    except OSError:
+        return []
+    finally:
+        os.close(fd)
+    out = []
+    for raw in data.decode("utf-8", "replace").splitlines():
+        try:
+            rec = json.loads(raw)
+        except ValueError:
+            continue  # a partial first line, or garbage
+        if isinstance(rec, dict):
+            out.append(rec)
+    return out[-limit:]
+
+
+def _local(stamp: Any) -> float | None:
+    """'YYYY-mm-dd HH:MM:SS' local time (the reconcile passes' stamps) as a Unix time."""
+    try:
+        return time.mktime(time.strptime(str(stamp), "%Y-%m-%d %H:%M:%S"))
+    except (ValueError, OverflowError):
+        return None
+
+
+def history_events(health_records: list[dict], history_records: list[dict],
+                   reconciles: list[dict]) -> list[dict]:
+    """What happened lately, newest first, as the page shows it ({"time", "source", "status",
+    "text"}): health results that changed (health.jsonl) and verdict changes, history.jsonl
+    records (environment drift, ...), and reconcile passes that changed something or failed."""
+    events: list[dict] = []
+    last_verdict = None
+    for r in health_records:
+        check = str(r.get("check") or "?")
+        if check == "summary":
+            if r.get("verdict") != last_verdict:
+                events.append({"time": parse_time(r.get("time")) or None, "source": "health",
+                               "status": r.get("verdict"),
+                               "text": f"verdict {r.get('verdict')}: {r.get('detail') or ''}"})
+            last_verdict = r.get("verdict")
+            continue
+        prev = r.get("previous")
+        action = r.get("action")
+        events.append({"time": parse_time(r.get("time")) or None, "source": "health",
+                       "status": r.get("status"),
+                       "text": f"{check}{' (was ' + str(prev) + ')' if prev else ''}: "
+                               f"{r.get('detail') or ''}"
+                               + (f" (action: {action})" if action and action != "none"
+                                  else "")})
+    for r in history_records:
+        kind = str(r.get("kind") or "event")
+        what = r.get("summary") or r.get("detail") or r.get("message") or ""
+        extra = []
+        if r.get("by"):
+            extra.append(f"by {r['by']}")
+        if r.get("affected"):
+            extra.append("affects " + ", ".join(map(str, r["affected"]))
+                         if isinstance(r["affected"], list) else str(r["affected"]))
+        if isinstance(r.get("repeats"), int) and r["repeats"] > 1:
+            extra.append(f"{r['repeats']} times")
+        events.append({"time": r.get("time") if isinstance(r.get("time"), (int, float))
+                       else parse_time(r.get("time")) or _local(r.get("stamp")),
+                       "source": kind, "status": "warn" if kind == "drift" else None,
+                       "text": f"{what}" + (f" ({'; '.join(extra)})" if extra else "")})
+    for r in reconciles:
+        result = str(r.get("result") or "?")
+        changed = r.get("changed") or []
+        if result == "ok" and not changed:
+            continue  # a pass that found everything as it should be is not news
+        events.append({"time": _local(r.get("time")), "source": "reconcile",
+                       "status": "ok" if result == "ok" else "fail",
+                       "text": f"{r.get('phase') or ''} pass {result}"
+                               + (f", changed {', '.join(map(str, changed))}" if changed
+                                  else "")
+                               + (f" ({r['duration']} s)" if r.get("duration") is not None
+                                  else "")})
+    events.sort(key=lambda e: e.get("time") or 0.0, reverse=True)
+    return events[:page.MAX_EVENTS]
+
+
 class AgentApi:
     def __init__(self, daemon: "Daemon"):
         self.d = daemon
         self.server: HttpServer | None = None
         self.observed = Observed(self._collect, "status")
+        self.page_data = Observed(self._page_data, "page", wait=2.0)  # cheap: no long wait
+        self._reconciles: collections.deque = collections.deque(maxlen=RECONCILES_KEPT)
+        self._reconciles_lock = threading.Lock()
+        self._page_cache: tuple[tuple, bytes] | None = None
         self._http_write_failed = False
         health = daemon.health
         self.metrics = Metrics(Sources(
@@ -184,7 +289,52 @@ class AgentApi:
 
     def status_changed(self) -> None:
         """The daemon after each reconcile pass: observe again (in the background)."""
+        self._note_reconciles()
         self.observed.refresh()
+        self.page_data.refresh()
+
+    def _note_reconciles(self) -> None:
+        """Remember the reconcile passes' latest results (the page's history)."""
+        with self._reconciles_lock:
+            for rec in (getattr(self.d, "fg", None), getattr(self.d, "bg", None)):
+                last = getattr(rec, "last", None)
+                if isinstance(last, dict) and not any(r is last for r in self._reconciles):
+                    self._reconciles.append(last)
+
+    def _page_data(self) -> dict:
+        """What the page shows besides `status`: the health checks' latest results (the
+        monitor's memory), the quarantined components and the recent history."""
+        health = self.d.health
+        checks = {n: e for n in health.enabled() if (e := health.latest_entry(n)) is not None}
+        quarantined = {k: q.get("reason") for k, q in health.limiter.quarantined().items()}
+        verdict = health_verdict((e.get("status", "fail") for e in checks.values()),
+                                 bool(quarantined)) if checks or quarantined else None
+        from agent import drift
+
+        self._note_reconciles()
+        with self._reconciles_lock:
+            reconciles = list(self._reconciles)
+        events = history_events(tail_jsonl(report_path(self.d.config), 200),
+                                tail_jsonl(drift.history_path(self.d.config), 50), reconciles)
+        return {"health": {"verdict": verdict, "checks": checks, "quarantined": quarantined},
+                "events": events}
+
+    def page(self) -> tuple[int, bytes]:
+        """GET /: the status page, rendered at most once a second from the cached values."""
+        value, _age, wall, error = self.observed.get()
+        extra, _, extra_wall, _ = self.page_data.get()
+        now = time.time()
+        key = (wall, extra_wall, error, int(now))  # the observations' times: new ones, new page
+        cached = self._page_cache
+        if cached is not None and cached[0] == key:
+            body = cached[1]
+        else:
+            extra = extra or {}
+            body = page.render(value, extra.get("health"), extra.get("events"), now=now,
+                               observed_at=wall, observe_error=error,
+                               version=agent_pkg.__version__).encode()
+            self._page_cache = (key, body)
+        return (200 if value is not None else 503), body
 
     def status(self) -> tuple[int, dict]:
         return status_answer(self.observed)
@@ -217,9 +367,10 @@ class AgentApi:
             return None
         api = Api(alive=self.alive, ready=self.ready, status=self.status,
                   metrics=self.render_metrics, reinstall=self.reinstall, restart=self.restart,
-                  token=self.token)
+                  token=self.token, page=self.page)
         self.server = HttpServer(api, cfg.http["address"], cfg.http["port"])
         self.observed.refresh()  # the first /status does not wait for a whole observe
+        self.page_data.refresh()
         self.server.start_retrying(self._http_changed)
         return self.d.http_info
 

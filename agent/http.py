@@ -1,6 +1,7 @@
 """The agent's HTTP endpoint for orchestrators: a small stdlib server owned by the daemon,
 stopped on shutdown. 127.0.0.1 by default: pods publish ports through proxies.
 
+    GET  /  (and /index.html)        a read-only status page (HTML, agent/page.py)
     GET  /healthz                    200 while the agent's main loop runs, else 503
     GET  /readyz                     200 when ComfyUI is running and answered, else 503
     GET  /status                     the `pod-agent status --json` object (cached, with its age)
@@ -70,6 +71,15 @@ BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n
         b"Content-Length: %d\r\nRetry-After: 1\r\nCache-Control: no-store\r\n"
         b"Connection: close\r\n\r\n%s" % (len(_BUSY_BODY), _BUSY_BODY))
 
+# the status page runs nothing and loads nothing: a browser that honours these refuses any
+# script, frame, form or remote asset even if some text escaped the escaping
+PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; "
+                               "base-uri 'none'; form-action 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+}
+
 
 @dataclass
 class Api:
@@ -82,6 +92,7 @@ class Api:
     reinstall: Callable[[str], tuple[int, dict]]  # component -> (HTTP status, body)
     restart: Callable[[bool], dict]  # urgent -> body
     token: Callable[[], str | None]
+    page: Callable[[], tuple[int, bytes]] | None = None  # -> (HTTP status, HTML)
 
 
 class _Server(socketserver.TCPServer):
@@ -364,11 +375,15 @@ class _Handler(BaseHTTPRequestHandler):
         if path == "/metrics":
             body, ctype = api.metrics()
             return 200, body, ctype, None
+        if path in ("/", "/index.html") and api.page is not None:
+            code, body = api.page()
+            return code, body, "text/html; charset=utf-8", dict(
+                PAGE_HEADERS, **({"Retry-After": "2"} if code == 503 else {}))
         if path in ("/components", "/comfyui") or path.startswith(("/components/",
                                                                    "/comfyui/")):
             return 405, _dumps({"error": "use POST"}), js, {"Allow": "POST"}
         return 404, _dumps({"error": "not found", "endpoints": [
-            "GET /healthz", "GET /readyz", "GET /status", "GET /metrics",
+            "GET /", "GET /healthz", "GET /readyz", "GET /status", "GET /metrics",
             "POST /components/NAME/reinstall", "POST /comfyui/restart"]}), js, None
 
     do_HEAD = do_GET
@@ -476,7 +491,8 @@ class HttpServer:
         return self.address, port
 
     def _serving(self) -> str:
-        return (f"http: serving /healthz /readyz /status /metrics on "
+        return (f"http: serving {'/ ' if self.api.page else ''}/healthz /readyz /status "
+                f"/metrics on "
                 f"{self.address}:{self.state.get('port')}"
                 + ("" if self.api.token() else " (POST endpoints off: no token)"))
 
