@@ -82,6 +82,8 @@ class Daemon:
         self._last_drift_key: str | None = None
         self._drift_repeats = 0
         self._history_failed = False
+        # from right before a spawn until the after-ready comparison: who a drift is put down to
+        self._start_window: str | None = None
 
     # ------------------------------------------------------------------ wiring
     def _build(self) -> None:
@@ -114,7 +116,7 @@ class Daemon:
         self.health = Monitor(cfg, Hooks(
             service=self.supervisor.snapshot, comfy_expected=lambda: self.start_comfyui,
             request_restart=self.supervisor.request_restart,
-            request_reconcile=self.request_reconcile, watcher=self.watcher,
+            request_reconcile=self._health_reconcile, watcher=self.watcher,
             job_events=lambda: dict(self.job_events),
             reconciles=lambda: [r.last for r in (self.fg, self.bg) if r.last]))
         self.api = AgentApi(self)
@@ -326,6 +328,7 @@ class Daemon:
             dists = self._drift_check("between checks", None, wait=0.0)
             self._loaded = self._loaded_now(dists)
             self._await_ready = True
+            self._start_window = "ComfyUI (starting) or a custom node it loaded"
         except Exception as exc:  # noqa: BLE001
             logger.warning(f"drift: cannot read the environment before ComfyUI starts: {exc}")
 
@@ -350,13 +353,26 @@ class Daemon:
             return
         self._await_ready = False
         self._ready_checked_pid = pid
+        self._start_window = f"ComfyUI (pid {pid}) or a custom node it loaded"
         self.scheduler.add_job(self._after_ready, args=[pid], id=f"drift-ready-{pid}",
                                replace_existing=True)
 
     def _after_ready(self, pid: int) -> None:
-        self._drift_check("during ComfyUI start",
-                          f"ComfyUI (pid {pid}) or a custom node it loaded", wait=120.0,
-                          started=True)
+        try:
+            self._drift_check("during ComfyUI start",
+                              f"ComfyUI (pid {pid}) or a custom node it loaded", wait=120.0,
+                              started=True)
+        finally:
+            self._start_window = None
+
+    def _health_reconcile(self, reason: str) -> None:
+        """A health action's reconcile (a lying marker removed): look for drift first, or the
+        repair would take the drifted packages for its own install and hide them."""
+        try:
+            self._drift_check("between checks", None, wait=0.0)
+        except Exception as exc:  # noqa: BLE001 - the reconcile goes on
+            logger.warning(f"drift: check failed: {exc}")
+        self.request_reconcile(reason)
 
     def _loaded_dists(self, dists: dict[str, str]) -> None:
         """What ComfyUI imported is what was there once it answered (set before a drift is
@@ -395,6 +411,9 @@ class Daemon:
             return now
         d = envdrift.diff(before, now)
         if not envdrift.empty(d):
+            window = self._start_window
+            if source == "between checks" and window:
+                source, by = "during ComfyUI start", window
             self._report_drift(source, by, d)
         return now
 
@@ -403,8 +422,11 @@ class Daemon:
         self._drift_repeats = self._drift_repeats + 1 if key == self._last_drift_key else 1
         self._last_drift_key = key
         affected = envdrift.affected(self.config, envdrift.names(d))
-        rec = envdrift.record(source, d, by or "", affected, self._drift_repeats)
-        text = f"environment drift {source}: {rec['summary']}" + (f" (by {by})" if by else "")
+        rec = envdrift.record(source, d, by or "", affected, self._drift_repeats,
+                              envdrift.installers(self.config.comfyui.python, d))
+        who = envdrift.who(rec)
+        text = f"environment drift {source}: {rec['summary']}" + (
+            f" ({'by ' if by else ''}{who})" if who else "")
         try:
             envdrift.append(self.config, rec)
             self._history_failed = False

@@ -66,6 +66,35 @@ def summary(d: dict[str, dict]) -> str:
     return ", ".join(parts[:SHOWN]) + (f" (+{more} more)" if more > 0 else "")
 
 
+def installers(python: Path, d: dict[str, dict]) -> list[str]:
+    """The tools that wrote the changed and added distributions (their dist-info INSTALLER
+    file: pip, uv, conda...), read from the interpreter's venv site-packages; best effort."""
+    wanted = {canonical(n): v for n, (_, v) in d["changed"].items()} | \
+        {canonical(n): v for n, v in d["added"].items()}
+    if not wanted:
+        return []
+    found: set[str] = set()
+    for site in Path(python).parent.parent.glob("lib*/python*/site-packages"):
+        try:
+            entries = list(site.iterdir())
+        except OSError:
+            continue
+        for entry in entries:
+            if not entry.name.endswith(".dist-info"):
+                continue
+            name, _, ver = entry.name[:-10].partition("-")
+            if wanted.get(canonical(name)) != ver:
+                continue
+            try:
+                with open(entry / "INSTALLER", encoding="utf-8", errors="replace") as fh:
+                    tool = fh.read(64).strip().splitlines()[0:1]
+            except OSError:
+                continue
+            if tool and re.fullmatch(r"[A-Za-z0-9._-]{1,40}", tool[0]):
+                found.add(tool[0])
+    return sorted(found)
+
+
 # ---------------------------------------------------------------------- who may be affected
 _WORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
@@ -208,7 +237,16 @@ def recent(config: Config, kind: str | None = None, limit: int = 50) -> list[dic
 
 
 def record(source: str, d: dict[str, dict], by: str, affected_names: list[str],
-           repeats: int = 1) -> dict[str, Any]:
+           repeats: int = 1, installer: list[str] | None = None) -> dict[str, Any]:
     return {"time": time.time(), "stamp": time.strftime("%Y-%m-%d %H:%M:%S"), "kind": "drift",
-            "source": source, "by": by, "summary": summary(d), **d,
-            "affected": affected_names, "repeats": repeats}
+            "source": source, "by": by, "installer": list(installer or ()),
+            "summary": summary(d), **d, "affected": affected_names, "repeats": repeats}
+
+
+def who(rec: dict[str, Any]) -> str:
+    """`ComfyUI (pid 7) or a custom node it loaded, with pip` / `with pip` / ``."""
+    by = str(rec.get("by") or "")
+    tools = rec.get("installer") or []
+    if isinstance(tools, list) and tools:
+        by += (", " if by else "") + "with " + " and ".join(map(str, tools))
+    return by

@@ -32,6 +32,28 @@ def test_diff_and_summary():
     assert drift.summary(many).endswith("(+4 more)")
 
 
+def test_loaded_diff_names_what_changed():
+    base = ("c1", (("node-a", ("h1", ())),), (("podtest-alpha", "2.0"),))
+    assert drift.loaded_diff(base, base) == []
+    assert drift.loaded_diff(base, ("c2",) + base[1:]) == ["ComfyUI's commit"]
+    assert drift.loaded_diff(base, (base[0], (("node-a", ("h2", ())),), base[2])) == [
+        "custom nodes node-a"]
+    assert drift.loaded_diff(base, base[:2] + ((("podtest-alpha", "1.0"),),)) == [
+        "packages podtest-alpha 2.0 -> 1.0"]
+
+
+def test_installers_read_from_the_dist_info(ws):
+    site = next((ws.root / "venv" / "lib").glob("python*")) / "site-packages"
+    info = site / "Podtest_Zeta-3.0.dist-info"
+    info.mkdir(parents=True)
+    (info / "INSTALLER").write_text("uv\n")
+    d = drift.diff({"podtest-zeta": "2.0"}, {"podtest-zeta": "3.0"})
+    assert drift.installers(ws.python, d) == ["uv"]
+    assert drift.installers(ws.python, drift.diff({"podtest-zeta": "3.0"}, {})) == []
+    (info / "INSTALLER").write_text("rm -rf /\n")  # not a tool name: not shown
+    assert drift.installers(ws.python, d) == []
+
+
 def test_affected_components_are_those_whose_requirements_name_it(ws):
     (ws.root / "ComfyUI").mkdir()
     (ws.root / "ComfyUI" / "requirements.txt").write_text("podtest-alpha>=1.0\npodtest-beta\n")
@@ -144,7 +166,10 @@ def test_pip_install_at_comfyui_start_is_drift_and_is_repaired(aws):
     assert rec["kind"] == "drift" and rec["source"] == "during ComfyUI start"
     assert rec["changed"] == {"podtest-alpha": ["2.0", "1.0"]}
     assert rec["added"] == {} and rec["removed"] == {}
-    assert rec["by"].startswith(f"ComfyUI (pid {starts(aws)[0]['pid']})")
+    # put down to the start: seen once it answered, or earlier by a health check's repair
+    assert rec["by"] in (f"ComfyUI (pid {starts(aws)[0]['pid']}) or a custom node it loaded",
+                         "ComfyUI (starting) or a custom node it loaded"), rec
+    assert rec["installer"] == ["pip"]
     assert rec["affected"] == ["dependencies_main", "dependencies_additional"]
     wait_for(lambda: _health(aws).get("drift", {}).get("status") == "warn", 20,
              what="drift in health")
@@ -175,14 +200,16 @@ def test_pip_run_by_hand_between_checks_is_drift(aws):
     wait_for(lambda: _history(aws), 30, what="a drift record")
     rec = _history(aws)[0]
     assert rec["source"] == "between checks" and rec["by"] == ""
+    assert rec["installer"] == ["pip"]  # the dist-info's INSTALLER
     assert rec["added"] == {"podtest-nodec": "1.0"} and not rec["changed"] and not rec["removed"]
     assert rec["affected"] == []
     wait_for(lambda: _health(aws).get("drift", {}).get("status") == "warn", 20,
              what="drift in health")
     assert "podtest-nodec added (1.0) (between checks" in _health(aws)["drift"]["detail"]
+    assert ", with pip)" in _health(aws)["drift"]["detail"]
     log = agent.log()
-    assert "environment drift between checks: podtest-nodec added (1.0); re-checking every " \
-           "component" in log, log
+    assert "environment drift between checks: podtest-nodec added (1.0) (with pip); " \
+           "re-checking every component" in log, log
     # nothing ComfyUI loads was reinstalled: the same ComfyUI serves, one record only
     assert len(starts(aws)) == 1 and service(aws)["pid"] == pid
     assert len(_history(aws)) == 1

@@ -25,13 +25,14 @@ def check(ctx: CheckCtx) -> Result:
         when = 0.0
     age = time.time() - when
     text = f"{rec.get('summary', '?')} ({rec.get('source', '?')}, {rec.get('stamp', '?')}"
-    if rec.get("by"):
-        text += f", by {rec['by']}"
+    by = drift.who(rec)
+    if by:
+        text += f", {'by ' if rec.get('by') else ''}{by}"
     text += ")"
     if rec.get("repeats", 1) and int(rec.get("repeats", 1)) > 1:
         text += f", {int(rec['repeats'])} times in a row"
-    data = {"last": {k: rec.get(k) for k in ("stamp", "source", "by", "changed", "added",
-                                               "removed", "affected", "repeats")}}
+    data = {"last": {k: rec.get(k) for k in ("stamp", "source", "by", "installer", "changed",
+                                               "added", "removed", "affected", "repeats")}}
     if age < ctx.settings["warn_for"]:
         affected = rec.get("affected") or []
         if affected:
