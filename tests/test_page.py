@@ -318,7 +318,8 @@ def chromium(tmp_path: Path, *args: str, timeout: float = 90) -> subprocess.Comp
     profile = tmp_path / f"chromium-profile-{time.monotonic_ns()}"
     cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
            "--disable-dev-shm-usage", "--disable-crash-reporter", "--disable-breakpad",
-           "--hide-scrollbars", f"--user-data-dir={profile}", *args]
+           "--hide-scrollbars", "--run-all-compositor-stages-before-draw",
+           "--virtual-time-budget=2000", f"--user-data-dir={profile}", *args]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             stdin=subprocess.DEVNULL, start_new_session=True,
                             env={**os.environ, "HOME": str(tmp_path)})
