@@ -13,13 +13,15 @@ import struct
 import subprocess
 import time
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from types import SimpleNamespace
 
 import psutil
 import pytest
 
 from agent import page
-from agent.endpoints import history_events, tail_jsonl
+from agent.endpoints import AgentApi, history_events, tail_jsonl
 from agent.http import Api, HttpServer
 from agent.redact import forget_all, register
 from tests.helpers import wait_for
@@ -194,6 +196,80 @@ def test_page_served_over_http_with_safe_headers(registered):
         assert call(f"http://127.0.0.1:{port}/")[0] == 404
     finally:
         bare.stop()
+
+
+class CountingApi(AgentApi):
+    def __init__(self, daemon, status: dict):
+        self.collects = 0
+        self._status = status
+        super().__init__(daemon)
+
+    def _collect(self) -> dict:
+        self.collects += 1
+        return self._status
+
+
+def test_the_page_is_built_from_the_cached_observation_under_a_burst(tmp_path, monkeypatch,
+                                                                    registered):
+    """What the daemon gives AgentApi, faked: 150 concurrent readers of `/` cost one status
+    observation, one gathering of the page's other data and one render per second; the
+    history's files and the reconcile passes reach the page, redacted and escaped."""
+    ws = tmp_path / "ws"
+    (ws / "logs").mkdir(parents=True)
+    state = ws / ".pod-agent"
+    state.mkdir()
+    (ws / "logs" / "health.jsonl").write_text(json.dumps(
+        {"time": "2026-11-29T08:00:10+00:00", "check": "disk", "status": "warn",
+         "detail": f"<script>1</script> {REGISTERED}", "previous": "ok"}) + "\n")
+    (state / "history.jsonl").write_text(json.dumps(
+        {"time": 1.7e9, "kind": "drift", "summary": "numpy 2.1.0 -> 1.26.4",
+         "by": f"pip {HF}"}) + "\n")
+    health = SimpleNamespace(
+        enabled=lambda: ["gpu"], verdict=None, component_states=lambda: {},
+        latest_entry=lambda n: {"status": "fail", "detail": f"x {HF}",
+                                "time": "2026-11-29T08:00:00+00:00"},
+        limiter=SimpleNamespace(quarantined=lambda: {}))
+    daemon = SimpleNamespace(
+        health=health, _started=time.time(), job_events={}, http_info=None,
+        supervisor=SimpleNamespace(snapshot=lambda: {"state": "running"}),
+        watcher=SimpleNamespace(restarts=0),
+        config=SimpleNamespace(workspace=ws, state_dir=state, http={}),
+        fg=SimpleNamespace(last={"time": "2026-11-29 08:00:20", "phase": "foreground",
+                                 "result": "failed: dependencies_main", "changed": [],
+                                 "duration": 1.5}),
+        bg=SimpleNamespace(last=None))
+    api = CountingApi(daemon, status_doc())
+    renders: list[float] = []
+    real_render = page.render
+    monkeypatch.setattr(page, "render", lambda *a, **k: renders.append(time.monotonic())
+                        or real_render(*a, **k))
+    api.status_changed()  # as after a reconcile pass
+    server = HttpServer(Api(alive=api.alive, ready=api.ready, status=api.status,
+                            metrics=api.render_metrics, reinstall=api.reinstall,
+                            restart=api.restart, token=lambda: None, page=api.page),
+                        "127.0.0.1", 0)
+    _, port = server.start()
+    base = f"http://127.0.0.1:{port}"
+    try:
+        body = wait_for(lambda: (a := page_of(base))[0] == 200 and a[1], 10, what="the page")
+        assert "FAILING" in body or "BROKEN" in body
+        assert "disk (was ok): &lt;script&gt;1&lt;/script&gt; ***" in body
+        assert "numpy 2.1.0 -&gt; 1.26.4 (by pip hf_***)" in body
+        assert "foreground pass failed: dependencies_main (1.5 s)" in body
+        assert_safe(body)
+        collects, gathered, rendered = api.collects, api.page_data.computations, len(renders)
+        started = time.monotonic()
+        with ThreadPoolExecutor(150) as pool:
+            answers = list(pool.map(lambda _: page_of(base), range(150)))
+        took = time.monotonic() - started
+        assert {code for code, _ in answers} == {200}
+        assert all(b.endswith("</html>\n") for _, b in answers)
+        # one new observation at most (the copy may turn 5 s old during the burst)
+        assert api.collects - collects <= 1 + took / 5
+        assert api.page_data.computations - gathered <= 1 + took / 5
+        assert len(renders) - rendered <= 2 + took, (len(renders) - rendered, took)
+    finally:
+        server.stop()
 
 
 # ------------------------------------------------------------------ a real agent
