@@ -401,10 +401,8 @@ def status(json_out: JsonOpt = False, workspace: WorkspaceOpt = None,
     from agent.status import collect
 
     conf = _load(config, workspace)
-    missing = not conf.workspace.exists()  # looked at, never created
     data = collect(conf)
-    data["workspace_missing"] = missing
-    if missing:
+    if data["workspace_missing"]:
         _err(f"warning: the workspace {conf.workspace} does not exist: nothing is installed "
              "there; pass the right --workspace (or POD_AGENT_WORKSPACE), or create it with "
              "`pod-agent install` or `pod-agent run`")

@@ -194,6 +194,7 @@ def collect(config: Config, gpu: bool | None = None) -> dict[str, Any]:
     agent, comfyui = service(config, procs_)
     return {
         "workspace": str(config.workspace),
+        "workspace_missing": not config.workspace.exists(),  # looked at, never created
         "components": comps,
         "processes": procs_,
         "logs": logs(config),
