@@ -97,9 +97,12 @@ def test_soak_resources_stay_flat(aws, tally):
     status = run_cli("status", "--json", *ws.args())
     healthy = '"verdict": "healthy"' in status.stdout
     peak = {k: max(s[k] for s in samples) for k in base}
+    quarters = [samples[min(len(samples) - 1, len(samples) * q // 4)]["rss_mb"]
+                for q in (1, 2, 3, 4)]
     events = sum(counts.values())
     figures = (f"{duration}s, {events} events ({', '.join(f'{v} {k}' for k, v in counts.items())}): "
                + ", ".join(f"{k} {base[k]:.0f} -> {final[k]:.0f} (peak {peak[k]:.0f})"
-                           for k in base))
+                           for k in base)
+               + "; rss_mb at each quarter: " + " ".join(f"{q:.1f}" for q in quarters))
     tally.info("soak", figures)
     assert tally.case("soak", crash=crashed, leak=leak, converged=healthy, note=figures), figures
