@@ -126,13 +126,16 @@ def load_state(config: Config) -> dict | None:
 
 
 _NUMBER = re.compile(r"\d+(?:[.:]\d+)*")
+# a process's scheduler state as sampled (psutil): `running` one run, `sleeping` the next
+_SAMPLED = re.compile(r"\b(?:running|sleeping|idle|disk-sleep|waking)\b")
 
 
 def detail_class(status: str, detail: Any) -> tuple[str, str]:
     """What makes a check result a new event in health.jsonl: its status and its detail with the
-    numbers blanked (a free-space figure or a latency that moves is the same result; another
-    message is a different one)."""
-    return status, _NUMBER.sub("#", " ".join(str(detail or "").split()))
+    numbers (and a sampled process state) blanked: a free-space figure, a latency or a process
+    caught running instead of sleeping is the same result; another message is a different one."""
+    text = _NUMBER.sub("#", " ".join(str(detail or "").split()))
+    return status, _SAMPLED.sub("~", text)
 
 
 def _writer_alive(state: dict) -> tuple[bool | None, int | None]:

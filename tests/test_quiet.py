@@ -85,6 +85,8 @@ def test_a_different_failure_is_a_new_record_moving_numbers_are_not():
     assert a == h.detail_class("ok", "/ws: 21.9 GiB free of 100 GiB")
     assert a != h.detail_class("warn", "/ws: 21.9 GiB free of 100 GiB")
     assert h.detail_class("fail", "HTTP 500") != h.detail_class("fail", "connection refused")
+    assert h.detail_class("ok", "pid 7 sleeping, RSS 0.02 GiB, CPU 0%, 2 threads") == \
+        h.detail_class("ok", "pid 7 running, RSS 0.03 GiB, CPU 4%, 3 threads")
 
 
 def test_health_now_writes_every_result_it_ran(ws, report):
