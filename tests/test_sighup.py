@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import signal
 
 import pytest
@@ -63,3 +64,6 @@ def test_invalid_reload_keeps_the_old_config_in_one_line(aws):
     wait_for(lambda: lines(agent, "SIGHUP: config reloaded"), 10, what="reloaded")
     assert len(lines(agent, "keeping the old one")) == 1
     assert service(aws)["pid"] == pid  # nothing ComfyUI uses changed: no restart
+    log = agent.log().splitlines()
+    after = log[log.index(line) + 1]
+    assert re.match(r"\d{4}-\d\d-\d\d \d", after), after  # the error was one line
