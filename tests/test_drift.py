@@ -152,6 +152,8 @@ def test_pip_install_at_comfyui_start_is_drift_and_is_repaired(aws):
     aws.config["comfyui"]["env"].update({
         "FAKE_COMFY_PIP_AT_START": f"--no-index --find-links {aws.wheels} podtest-alpha==1.0",
         "FAKE_COMFY_PIP_ONCE": "1", "FAKE_COMFY_PIP_WAIT": "pip_go"})
+    # the repair must come from the reconcile the drift asks for, not the `components` check
+    aws.config["health"] = {"checks": {"components": {"enabled": False}}}
     aws.save()
     install_all(aws)
     assert _venv_dists(aws)["podtest-alpha"] == "2.0"
