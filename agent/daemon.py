@@ -80,6 +80,7 @@ class Daemon:
         self._await_ready = False
         self._ready_checked_pid: int | None = None
         self._last_drift_key: str | None = None
+        self._last_drift: tuple[str, dict] | None = None  # (source, diff) of the latest drift
         self._drift_repeats = 0
         self._history_failed = False
         # from right before a spawn until the after-ready comparison: who a drift is put down to
@@ -302,6 +303,11 @@ class Daemon:
             logger.warning(f"cannot tell what ComfyUI loads ({exc}): restarting to be sure")
             return changed
         what = envdrift.loaded_diff(self._loaded, now)
+        if what and self._reverted_at_start(now):
+            logger.warning(f"reinstalled {', '.join(changed)}: changed {'; '.join(what)}, which "
+                           f"ComfyUI's start reverted {self._drift_repeats} times in a row: no "
+                           "restart (it would be reverted again; fix or pin what does it)")
+            return []
         if what:
             logger.info(f"reinstalled {', '.join(changed)}: changed {'; '.join(what)}: "
                         "ComfyUI restarts")
@@ -309,6 +315,21 @@ class Daemon:
         logger.info(f"reinstalled {', '.join(changed)}: nothing ComfyUI loads changed, "
                     "no restart needed")
         return []
+
+    def _reverted_at_start(self, now: tuple) -> bool:
+        """Past DRIFT_REPEATS identical drifts at start, a change that only undoes that drift
+        (same commit and nodes; the packages back to what the drift changed) is not worth a
+        restart: the start would undo it again."""
+        last = self._last_drift
+        if last is None or self._drift_repeats < DRIFT_REPEATS or self._loaded is None \
+                or self._loaded[2] is None or now[2] is None \
+                or self._loaded[:2] != now[:2] or last[0] != "during ComfyUI start":
+            return False
+        d = envdrift.diff(dict(self._loaded[2]), dict(now[2]))
+        undo = last[1]
+        return not envdrift.empty(d) and d["changed"] == {
+            n: [new, old] for n, (old, new) in undo["changed"].items()} \
+            and d["added"] == undo["removed"] and d["removed"] == undo["added"]
 
     def _agent_pass(self, report: Report) -> None:
         """A pass that ran an installer may have changed the dists: that is not drift, so the
@@ -421,6 +442,7 @@ class Daemon:
         key = json.dumps(d, sort_keys=True)
         self._drift_repeats = self._drift_repeats + 1 if key == self._last_drift_key else 1
         self._last_drift_key = key
+        self._last_drift = (source, d)
         affected = envdrift.affected(self.config, envdrift.names(d))
         rec = envdrift.record(source, d, by or "", affected, self._drift_repeats,
                               envdrift.installers(self.config.comfyui.python, d))

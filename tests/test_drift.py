@@ -215,3 +215,28 @@ def test_pip_run_by_hand_between_checks_is_drift(aws):
     # nothing ComfyUI loads was reinstalled: the same ComfyUI serves, one record only
     assert len(starts(aws)) == 1 and service(aws)["pid"] == pid
     assert len(_history(aws)) == 1
+
+
+@pytest.mark.slow
+def test_a_start_that_reverts_the_repair_every_time_stops_costing_restarts(aws):
+    # ComfyUI-Manager downgrading numpy at every start while a component needs the newer one:
+    # two repair-and-restart rounds, then the third repair keeps ComfyUI running
+    aws.config["components"]["dependencies_additional"]["packages"] = [
+        "podtest-gamma>=1.0", "podtest-alpha>=2.0"]
+    aws.config["comfyui"]["env"].update({
+        "FAKE_COMFY_PIP_AT_START": f"--no-index --find-links {aws.wheels} podtest-alpha==1.0",
+        "FAKE_COMFY_PIP_WAIT": "pip_go"})
+    aws.config["health"] = {"checks": {"components": {"enabled": False}}}
+    aws.save()
+    install_all(aws)
+    agent = aws.start_agent()
+    wait_for(lambda: all(_agent_state(aws).get("reconciles", {}).get(p)
+                         for p in ("foreground", "background")), 30, what="resume passes")
+    (aws.control / "pip_go").write_text("")
+    wait_for(lambda: "reverted 3 times in a row: no restart" in agent.log(), 90,
+             what="the third repair without a restart")
+    assert [r["repeats"] for r in _history(aws)] == [1, 2, 3]
+    assert all(r["changed"] == {"podtest-alpha": ["2.0", "1.0"]} for r in _history(aws))
+    assert len(starts(aws)) == 3 and running(aws)
+    assert _venv_dists(aws)["podtest-alpha"] == "2.0"  # repaired on disk all the same
+    assert "3 times in a row" in _health(aws)["drift"]["detail"]
