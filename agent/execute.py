@@ -145,11 +145,16 @@ class Executor:
 
     # ------------------------------------------------------------------ one step
     def _blocked_by(self, step: Step, status: dict[str, str]) -> str | None:
+        """The dependency that is not installed, or None. A dependency this pass found
+        installed when it began is looked at again before the step does any work: a burst of
+        marker removals can land while the pass runs, and a dependent must never be reinstalled
+        before its dependency (the next pass, which the removal requested, does both in order)."""
+        recheck = step.action not in (Action.SKIP, Action.UPGRADE_MARKER)
         for dep in step.needs:
             st = status.get(dep)
-            if st in ("installed", "already"):
+            if st == "installed" or (st == "already" and not recheck):
                 continue
-            if st is None:
+            if st in (None, "already"):
                 obs = observe_one(self.config.components[dep], self.ctx)
                 if obs.state == State.INSTALLED:
                     continue

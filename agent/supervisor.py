@@ -352,6 +352,10 @@ class Supervisor:
             return
         self._transition(S.STARTING, why)
         self._spawn(now, seq)
+        # the attempt answers the requests made before it, also when it failed before a process
+        # existed: the backoff (or DEGRADED's slow retry) decides the next start, not a request
+        # left pending that would restart on every tick
+        self._clear_pending(seq)
 
     def adopt(self) -> bool:
         """Take over a ComfyUI that is already running (saved pid, else cmdline scan)."""

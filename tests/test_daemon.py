@@ -190,10 +190,6 @@ def test_rm_all_markers_is_one_ordered_reinstall(aws):
 
 
 @pytest.mark.slow  # starts the agent
-@pytest.mark.xfail(strict=False, reason="a burst landing while a pass observes the components "
-                   "is split between that pass and the next: dependents are reinstalled before "
-                   "their dependencies (agent/execute.py: a step does not look again at "
-                   "dependencies it observed installed at the start of the pass)")
 def test_rm_all_markers_during_a_pass_is_still_in_dependency_order(aws):
     install_all(aws)
     agent = aws.start_agent()

@@ -757,9 +757,6 @@ def test_restart_max_wait_on_the_fake_clock(pod, warnings):
     assert sup.snapshot()["failures"] == 0
 
 
-@pytest.mark.xfail(strict=True, reason="a restart request stays pending after a failed spawn "
-                   "(_spawn returns before _clear_pending): every tick relaunches, past the "
-                   "backoff and the DEGRADED slow retry")
 def test_a_pending_restart_does_not_bypass_the_backoff(pod):
     sup = defaults_supervisor(pod, no_python(pod))
     clock = Clock()
