@@ -143,6 +143,7 @@ def _samples(text: str) -> dict[tuple, float]:
     return out
 
 
+@pytest.mark.slow
 def test_agent_serves_probes_status_metrics_and_guarded_actions(aws, tmp_path):  # noqa: F811
     install_all(aws)
     tools = tmp_path / "tools"
@@ -355,6 +356,7 @@ def test_bodies_over_the_limit_are_413_and_bad_lengths_400(served):
     assert stub.calls == [("restart", False)]
 
 
+@pytest.mark.slow
 def test_a_trickling_client_is_cut_at_the_request_deadline(served, monkeypatch):
     monkeypatch.setattr(agent.http, "REQUEST_DEADLINE", 1.5)
     _, port = served(workers=1)  # one worker: while it is held, nothing else is answered
@@ -469,6 +471,7 @@ def _free_port_held() -> socket.socket:
     return sock
 
 
+@pytest.mark.slow
 def test_a_taken_port_is_retried_shown_and_served_once_freed(aws):  # noqa: F811
     install_all(aws)
     blocker = _free_port_held()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 import importlib.util
 import json
 import os
@@ -24,6 +26,7 @@ def _installing_lines(text: str) -> list[str]:
 
 
 # ----------------------------------------------------------------------------- 1: fresh + no-op
+@pytest.mark.slow
 def test_fresh_install_in_dependency_order_then_second_run_does_nothing(ws):
     first = install(ws)
 
@@ -79,6 +82,7 @@ def _core_and_main(ws) -> None:
              "dependencies_main": comps["dependencies_main"]})
 
 
+@pytest.mark.slow
 def test_package_removed_from_venv_is_detected_and_reinstalled(ws):
     _core_and_main(ws)
     install(ws)
@@ -104,6 +108,7 @@ def test_package_removed_from_venv_is_detected_and_reinstalled(ws):
 
 
 # ----------------------------------------------------------------------------- 3: stale
+@pytest.mark.slow
 def test_pulled_comfyui_with_new_requirements_is_stale_and_reinstalled(ws):
     _core_and_main(ws)
     install(ws)
@@ -127,6 +132,7 @@ def test_pulled_comfyui_with_new_requirements_is_stale_and_reinstalled(ws):
     assert "Nothing to do" in install(ws).stdout
 
 
+@pytest.mark.slow
 def test_edited_requirements_file_makes_pip_component_stale(ws):
     req = ws.root / "extra-requirements.txt"
     req.write_text("podtest-gamma\n")

@@ -4,6 +4,8 @@ the work, and clones cut short are cleared."""
 
 from __future__ import annotations
 
+import pytest
+
 import os
 import signal
 
@@ -13,6 +15,7 @@ from tests.helpers import wait_for
 from tests.kit import cmd, install, start_cli, use
 
 
+@pytest.mark.slow
 def test_next_run_ends_the_installer_a_killed_cli_left_running(ws, tmp_path):
     pidfile, go = ws.root / "installer.pid", ws.root / "go"
     use(ws, {"slow": cmd(f"if [ -f {go} ]; then touch {ws.root}/slow.ok; "

@@ -4,6 +4,8 @@ failing."""
 
 from __future__ import annotations
 
+import pytest
+
 import json
 
 from tests.helpers import run_cli, wait_for
@@ -47,6 +49,7 @@ def test_a_crashing_probe_is_reported_as_that_components_failure(ws, monkeypatch
     assert "\n" not in by_name["p"].message and "reqs.txt" in by_name["p"].message
 
 
+@pytest.mark.slow
 def test_running_agent_repairs_the_rest_and_health_reports_a_failing_reconcile(ws):
     from tests.test_daemon import Agent
 
@@ -92,6 +95,7 @@ def test_running_agent_repairs_the_rest_and_health_reports_a_failing_reconcile(w
     assert "Traceback" not in agent.log()
 
 
+@pytest.mark.slow
 def test_the_agent_retries_a_failed_pass_on_its_own_once_the_fault_is_gone(ws, tmp_path):
     """No event and a long periodic interval: a pass that failed is tried again by itself
     (5 s, doubling), so a fault that goes away (a disk freed, a network back) heals."""

@@ -78,6 +78,7 @@ def _legacy(ws, *names: str) -> None:
         ws.marker(name).write_text(LEGACY + "\n")  # exactly what the old template wrote
 
 
+@pytest.mark.slow
 def test_legacy_markers_are_accepted_when_the_probe_passes_and_upgraded_without_reinstall(ws):
     comps = ws.config["components"]
     use(ws, {"comfyui_core": comps["comfyui_core"],
@@ -112,6 +113,7 @@ def test_legacy_markers_are_accepted_when_the_probe_passes_and_upgraded_without_
     assert f"comfyui_core: already installed ({LEGACY}, git " in again.stdout
 
 
+@pytest.mark.slow
 def test_legacy_markers_that_lie_are_reported_broken_and_reinstalled(ws):
     """The original failure: markers on the volume, packages gone with the container disk."""
     comps = ws.config["components"]

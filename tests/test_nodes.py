@@ -3,6 +3,8 @@ moved aside, never deleted."""
 
 from __future__ import annotations
 
+import pytest
+
 import shutil
 
 from tests.helpers import commit_files, git, installed_dists, make_repo
@@ -13,6 +15,7 @@ def _count(log: str, header: str) -> int:
     return sum(1 for line in log.splitlines() if line.startswith("=== ") and header in line)
 
 
+@pytest.mark.slow
 def test_nodes_add_one_disable_one_repair_one(ws):
     comps = ws.config["components"]
     nodes = {"kind": "nodes", "nodes": [ws.urls["node_a"], ws.urls["node_b"]],

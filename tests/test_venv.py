@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 import os
 import subprocess
 import sys
@@ -14,6 +16,7 @@ def site_packages(venv):
     return next((venv / "lib").glob("python*")) / "site-packages"
 
 
+@pytest.mark.slow
 def test_venv_created_on_demand_and_inherits_the_image_packages(tmp_path, wheels):
     # The "image" interpreter is itself a venv (as /opt/venv images are) holding podtest-alpha.
     image = make_venv(tmp_path / "image")
@@ -45,6 +48,7 @@ def _config(tmp_path, wheels, packages):
         "components": {"deps": {"kind": "pip", "packages": packages}}})
 
 
+@pytest.mark.slow
 def test_a_venv_cut_short_is_repaired_in_place(tmp_path, wheels):
     """What a pod stop during `python -m venv` leaves: bin/python exists, but no pip and no
     inheritance. Existence is not completeness: the next install repairs it."""
@@ -63,6 +67,7 @@ def test_a_venv_cut_short_is_repaired_in_place(tmp_path, wheels):
     assert "is incomplete" in log and "repairing it in place" in log
 
 
+@pytest.mark.slow
 def test_repair_keeps_installed_packages_and_a_complete_venv_is_left_alone(tmp_path, wheels):
     ws = tmp_path / "ws"
     conf = _config(tmp_path, wheels, ["podtest-beta"])

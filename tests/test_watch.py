@@ -131,6 +131,7 @@ def test_new_node_folder_is_watched_and_recreated_marker_folder_watched_again(se
     wait_for(lambda: ("x", "deleted") in rec.markers, 5, what="event in the re-created folder")
 
 
+@pytest.mark.slow
 def test_polling_mode_and_fallback_when_inotify_fails(setup, monkeypatch):
     ws, conf, rec, make = setup
     import watchdog.observers.inotify as ino

@@ -68,6 +68,13 @@ class Tally:
         TABLE.setdefault(suite, Row()).notes.append(text)
 
 
+def pytest_collection_modifyitems(config, items) -> None:
+    """Every reliability case is slow: the fast lane (`-m "not slow"`) leaves them to CI."""
+    for item in items:
+        if "reliability" in item.nodeid.split("::")[0]:
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def tally() -> Tally:
     return Tally()
