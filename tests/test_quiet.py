@@ -234,3 +234,38 @@ def test_connection_refused_while_comfyui_starts_is_logged_once(tmp_path):
         logger.remove(sink)
     said = [x for x in lines if "/system_stats" in x]
     assert len(said) == 1 and "refused" in said[0].lower(), lines
+
+
+# ---------------------------------------------------------------------- the figure in the README
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("POD_AGENT_MEASURE_QUIET"),
+                    reason="a measurement: POD_AGENT_MEASURE_QUIET=SECONDS (the window) runs it")
+def test_measure_idle_agent_log_volume(aws, capsys):  # noqa: F811
+    """An idle agent (ComfyUI running, default health settings): lines and bytes a day written
+    to health.jsonl and agent.log, extrapolated from a window after the first 30 s."""
+    from tests.test_daemon import running
+
+    window = float(os.environ["POD_AGENT_MEASURE_QUIET"])
+    install_all(aws)
+    agent = aws.start_agent()
+    wait_for(lambda: running(aws), 60, what="ComfyUI running")
+
+    def sizes():
+        out = {}
+        for name in ("health.jsonl", "agent.log"):
+            path = aws.root / "logs" / name
+            text = path.read_text() if path.exists() else ""
+            out[name] = (text.count("\n"), len(text.encode()))
+        return out
+
+    pause = __import__("threading").Event()
+    pause.wait(30)  # a measurement window, not synchronisation
+    a, t0 = sizes(), time.monotonic()
+    pause.wait(window)
+    b, t1 = sizes(), time.monotonic()
+    assert agent.stop() == 0
+    day = 86400 / (t1 - t0)
+    with capsys.disabled():
+        for name in a:
+            print(f"\n{name}: {(b[name][0] - a[name][0]) * day:.0f} lines/day, "
+                  f"{(b[name][1] - a[name][1]) * day / 1e6:.2f} MB/day (window {t1 - t0:.0f}s)")
