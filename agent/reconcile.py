@@ -151,8 +151,11 @@ class Reconciler:
             self.busy = True
             start = time.monotonic()
             reasons = list(dict.fromkeys(batch.reasons))
-            logger.info(f"reconcile ({self.phase}): {'; '.join(reasons[:5])}"
-                        + (f" (+{len(reasons) - 5} more)" if len(reasons) > 5 else ""))
+            # every request reaches both workers: the pass line is said once, by the
+            # foreground; the background's components are logged as they start and finish
+            logger.log("INFO" if self.phase == "foreground" else "DEBUG",
+                       f"reconcile ({self.phase}): {'; '.join(reasons[:5])}"
+                       + (f" (+{len(reasons) - 5} more)" if len(reasons) > 5 else ""))
             try:
                 reporter = LogReporter(self.phase)
                 self.executor = Executor(self._config(), stop=self._stop, reporter=reporter)
