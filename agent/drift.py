@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterable
 
-from agent.markers import atomic_write
+from agent.markers import atomic_write, tail_jsonl
 from agent.model import Component, Config
 from agent.pyenv import PythonUnavailable, canonical, inspect
 
@@ -208,32 +208,8 @@ def append(config: Config, record: dict[str, Any]) -> None:
 
 def recent(config: Config, kind: str | None = None, limit: int = 50) -> list[dict]:
     """The newest records (oldest first), read from the file's tail only."""
-    path = history_path(config)
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    except OSError:
-        return []
-    try:
-        import stat
-
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            return []
-        os.lseek(fd, max(0, st.st_size - TAIL_BYTES), os.SEEK_SET)
-        data = os.read(fd, TAIL_BYTES)
-    except OSError:
-        return []
-    finally:
-        os.close(fd)
-    out = []
-    for raw in data.decode("utf-8", "replace").splitlines():
-        try:
-            rec = json.loads(raw)
-        except ValueError:
-            continue  # a partial first line, or garbage
-        if isinstance(rec, dict) and (kind is None or rec.get("kind") == kind):
-            out.append(rec)
-    return out[-limit:]
+    records = tail_jsonl(history_path(config), None, TAIL_BYTES)
+    return [r for r in records if kind is None or r.get("kind") == kind][-limit:]
 
 
 def record(source: str, d: dict[str, dict], by: str, affected_names: list[str],

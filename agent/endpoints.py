@@ -16,10 +16,8 @@ from __future__ import annotations
 import collections
 import json
 import os
-import stat
 import threading
 import time
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from loguru import logger
@@ -30,7 +28,7 @@ from agent import page
 from agent.health import iso, parse_time, report_path
 from agent.health import verdict as health_verdict
 from agent.http import HTTP_FILE, Api, HttpServer
-from agent.markers import atomic_write
+from agent.markers import atomic_write, tail_jsonl
 from agent.metrics import Metrics, Sources
 from agent.redact import redact
 
@@ -135,34 +133,6 @@ def status_answer(observed: Observed) -> tuple[int, dict]:
     if error:
         body["observe_error"] = error
     return 200, body
-
-
-def tail_jsonl(path: Path, limit: int = 50) -> list[dict]:
-    """The newest JSON objects of a JSON-lines file (oldest first), from its tail only; a
-    missing, unreadable or non-regular file (a FIFO, a link) is no records."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    except OSError:
-        return []
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            return []
-        os.lseek(fd, max(0, st.st_size - TAIL_BYTES), os.SEEK_SET)
-        data = os.read(fd, TAIL_BYTES)
-    except OSError:
-        return []
-    finally:
-        os.close(fd)
-    out = []
-    for raw in data.decode("utf-8", "replace").splitlines():
-        try:
-            rec = json.loads(raw)
-        except ValueError:
-            continue  # a partial first line, or garbage
-        if isinstance(rec, dict):
-            out.append(rec)
-    return out[-limit:]
 
 
 def _local(stamp: Any) -> float | None:
@@ -314,8 +284,8 @@ class AgentApi:
         self._note_reconciles()
         with self._reconciles_lock:
             reconciles = list(self._reconciles)
-        events = history_events(tail_jsonl(report_path(self.d.config), 200),
-                                tail_jsonl(drift.history_path(self.d.config), 50), reconciles)
+        events = history_events(tail_jsonl(report_path(self.d.config), 200, TAIL_BYTES),
+                                tail_jsonl(drift.history_path(self.d.config), 50, TAIL_BYTES), reconciles)
         return {"health": {"verdict": verdict, "checks": checks, "quarantined": quarantined},
                 "events": events}
 

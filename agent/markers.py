@@ -282,6 +282,37 @@ def clean_temps(config) -> list[Path]:
     return removed
 
 
+def tail_jsonl(path: Path, limit: int | None = 50, tail_bytes: int = 64 * 1024) -> list[dict]:
+    """The newest JSON objects of a JSON-lines file (oldest first), read from its last
+    tail_bytes only; a missing, unreadable or non-regular file (a FIFO, a link) is no records,
+    a partial first line or a garbage line is skipped."""
+    import stat
+
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return []
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return []
+        os.lseek(fd, max(0, st.st_size - tail_bytes), os.SEEK_SET)
+        data = os.read(fd, tail_bytes)
+    except OSError:
+        return []
+    finally:
+        os.close(fd)
+    out = []
+    for raw in data.decode("utf-8", "replace").splitlines():
+        try:
+            rec = json.loads(raw)
+        except ValueError:
+            continue
+        if isinstance(rec, dict):
+            out.append(rec)
+    return out if limit is None else out[-limit:]
+
+
 def read_json(path: Path) -> dict | None:
     """A small JSON state file as a dict; None when it is absent, unreadable, not a regular file
     (a folder, a FIFO), larger than JSON_LIMIT, not JSON or not a mapping. Never raises."""
