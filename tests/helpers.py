@@ -87,6 +87,16 @@ def commit_files(path: Path, files: Mapping[str, str | None], message: str = "ch
     return git("rev-parse", "HEAD", cwd=path)
 
 
+def runtime_json(root: Path, name: str) -> dict | None:
+    """A JSON file the agent keeps in <root>/.pod-agent/run/<host>/ (agent.json, service.json,
+    health.json, http.json); None when absent or not readable yet."""
+    try:
+        data = json.loads(next((root / ".pod-agent" / "run").glob(f"*/{name}")).read_text())
+    except (StopIteration, OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
 def write_yaml(path: Path, data: dict) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(data, sort_keys=False))

@@ -15,7 +15,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.helpers import ROOT, commit_files, git, make_repo, run_cli, wait_for
+from tests.helpers import ROOT, commit_files, git, make_repo, run_cli, runtime_json, wait_for
 
 FAKE = ROOT / "tests" / "fake_comfyui" / "main.py"
 
@@ -103,11 +103,7 @@ def starts(ws) -> list[dict]:
 
 
 def service(ws) -> dict:
-    try:
-        return json.loads(next((ws.root / ".pod-agent" / "run").glob("*/service.json"))
-                          .read_text())
-    except (StopIteration, OSError, ValueError):
-        return {}
+    return runtime_json(ws.root, "service.json") or {}
 
 
 def running(ws) -> bool:
@@ -153,11 +149,7 @@ def test_deleted_marker_is_reinstalled(aws):
 
 
 def agent_state(ws) -> dict:
-    try:
-        return json.loads(next((ws.root / ".pod-agent" / "run").glob("*/agent.json"))
-                          .read_text())
-    except (StopIteration, OSError, ValueError):
-        return {}
+    return runtime_json(ws.root, "agent.json") or {}
 
 
 def resume_passes_done(ws) -> bool:

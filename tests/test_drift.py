@@ -15,7 +15,7 @@ from agent import drift
 from agent.checks import REGISTRY
 from agent.checks.base import CheckCtx, Hooks
 from agent.config import load
-from tests.helpers import run_cli, wait_for
+from tests.helpers import run_cli, runtime_json, wait_for
 from tests.test_daemon import aws, install_all, running, service, starts  # noqa: F401
 
 
@@ -119,19 +119,11 @@ def _venv_dists(ws) -> dict:
 
 
 def _agent_state(ws) -> dict:
-    try:
-        return json.loads(next((ws.root / ".pod-agent" / "run").glob("*/agent.json"))
-                          .read_text())
-    except (StopIteration, OSError, ValueError):
-        return {}
+    return runtime_json(ws.root, "agent.json") or {}
 
 
 def _health(ws) -> dict:
-    try:
-        return json.loads(next((ws.root / ".pod-agent" / "run").glob("*/health.json"))
-                          .read_text())["checks"]
-    except (StopIteration, OSError, ValueError, KeyError):
-        return {}
+    return (runtime_json(ws.root, "health.json") or {}).get("checks") or {}
 
 
 def _history(ws) -> list[dict]:

@@ -18,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 import agent.http
 from agent.endpoints import Observed, status_answer
 from agent.http import MAX_BODY, Api, HttpServer
-from tests.helpers import run_cli, wait_for
+from tests.helpers import run_cli, runtime_json, wait_for
 from tests.test_daemon import aws, install_all, running, starts  # noqa: F401 - fixture
 
 TOKEN = "pl4nted-http-token-0123456789"
@@ -120,19 +120,11 @@ def test_mutating_endpoints_need_the_bearer_token(token, captured):
 
 
 def _http_info(ws) -> dict | None:
-    try:
-        return json.loads(next((ws.root / ".pod-agent" / "run").glob("*/http.json"))
-                          .read_text())
-    except (StopIteration, OSError, ValueError):
-        return None
+    return runtime_json(ws.root, "http.json")
 
 
 def _health(ws) -> dict:
-    try:
-        return json.loads(next((ws.root / ".pod-agent" / "run").glob("*/health.json"))
-                          .read_text())["checks"]
-    except (StopIteration, OSError, ValueError, KeyError):
-        return {}
+    return (runtime_json(ws.root, "health.json") or {}).get("checks") or {}
 
 
 def _samples(text: str) -> dict[tuple, float]:

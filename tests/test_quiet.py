@@ -20,6 +20,7 @@ from agent.config import load
 from agent.health import Hooks
 from tests.helpers import run_cli, wait_for
 from tests.test_daemon import aws, install_all  # noqa: F401 - the fixture
+from tests.test_health import report  # noqa: F401 - the health.jsonl sink fixture
 
 
 def configure(ws, checks: dict | None = None, **top):
@@ -36,14 +37,6 @@ def agent_hooks() -> Hooks:
 
 def records(path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
-
-
-@pytest.fixture
-def report(ws):
-    path = ws.root / "logs" / "health.jsonl"
-    agent_log.health_report(path)
-    yield path
-    agent_log.close_health_report()
 
 
 # ---------------------------------------------------------------------- health.jsonl

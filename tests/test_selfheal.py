@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from tests.helpers import run_cli, wait_for
+from tests.helpers import run_cli, runtime_json, wait_for
 from tests.test_daemon import aws, install_all, running, service, starts  # noqa: F401
 from tests.test_health import set_fakes
 
@@ -37,10 +37,8 @@ def records(aws, check: str) -> list[dict]:
 
 def idle(aws) -> bool:
     """Both reconcile workers have run at least once since the agent started."""
-    try:
-        state = json.loads(next((aws.root / ".pod-agent" / "run").glob("*/agent.json"))
-                           .read_text())
-    except (StopIteration, OSError, ValueError):
+    state = runtime_json(aws.root, "agent.json")
+    if state is None:
         return False
     rec = state.get("reconciles") or {}
     return bool(rec.get("foreground") and rec.get("background"))

@@ -37,7 +37,7 @@ from urllib.parse import quote
 import psutil
 import pytest
 
-from tests.helpers import run_cli, wait_for
+from tests.helpers import run_cli, runtime_json, wait_for
 from tests.kit import all_files
 from tests.reliability.conftest import size
 from tests.test_daemon import aws, running, service  # noqa: F401 - fixture
@@ -205,10 +205,7 @@ def log_pipes(log: Path) -> list[psutil.Process]:
 
 
 def http_info(ws) -> dict | None:
-    try:
-        return json.loads(next((ws.root / ".pod-agent" / "run").glob("*/http.json")).read_text())
-    except (StopIteration, OSError, ValueError):
-        return None
+    return runtime_json(ws.root, "http.json")
 
 
 # ---------------------------------------------------------------------- the suite
