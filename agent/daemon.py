@@ -631,6 +631,8 @@ class Daemon:
             raise AgentError(f"another pod-agent (pid {holder.get('pid', '?')}) already runs "
                              f"for {cfg.workspace} on this host; stop it first")
         clean_temps(cfg)  # temp files of writes a kill -9 cut short
+        from agent import history
+        history.set_actor("agent")  # what this process installs is the agent's (history.jsonl)
         self._signals()
         self._build()
         logger.info(f"pod-agent {__import__('agent').__version__} starting: workspace "

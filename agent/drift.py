@@ -13,19 +13,18 @@ decision after a reinstall.
 
 from __future__ import annotations
 
-import json
-import os
 import re
 import time
 from pathlib import Path
 from typing import Any, Iterable
 
-from agent.markers import atomic_write, tail_jsonl
+from agent import history
+from agent.markers import tail_jsonl
 from agent.model import Component, Config
 from agent.pyenv import PythonUnavailable, canonical, inspect
 
-HISTORY_FILE = "history.jsonl"
-HISTORY_MAX_BYTES = 512 * 1024  # trimmed to the newest half when it grows past this
+HISTORY_FILE = history.FILE  # the one history: agent/history.py
+HISTORY_MAX_BYTES = history.MAX_BYTES  # trimmed to the newest half when it grows past this
 TAIL_BYTES = 64 * 1024  # how much of the history the `drift` check reads
 SHOWN = 8  # distributions named in a summary line
 
@@ -184,26 +183,14 @@ def loaded_diff(before: tuple, after: tuple) -> list[str]:
 
 # ---------------------------------------------------------------------- history
 def history_path(config: Config) -> Path:
-    return config.state_dir / HISTORY_FILE
+    return history.path(config)
 
 
 def append(config: Config, record: dict[str, Any]) -> None:
-    """One JSON line; the file is trimmed to its newest half past HISTORY_MAX_BYTES.
+    """One JSON line in the workspace's one history (agent/history.py: installs, updates,
+    rollbacks and drift share it); trimmed to its newest half past HISTORY_MAX_BYTES.
     Raises OSError (the caller logs it)."""
-    path = history_path(config)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    line = json.dumps(record, sort_keys=False) + "\n"
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
-    try:
-        os.write(fd, line.encode())
-        size = os.fstat(fd).st_size
-    finally:
-        os.close(fd)
-    if size > HISTORY_MAX_BYTES:
-        data = path.read_bytes()
-        keep = data[len(data) // 2:]
-        keep = keep[keep.find(b"\n") + 1:]
-        atomic_write(path, keep.decode("utf-8", "replace"))
+    history.append(config, record, HISTORY_MAX_BYTES)
 
 
 def recent(config: Config, kind: str | None = None, limit: int = 50) -> list[dict]:
@@ -215,7 +202,8 @@ def recent(config: Config, kind: str | None = None, limit: int = 50) -> list[dic
 def record(source: str, d: dict[str, dict], by: str, affected_names: list[str],
            repeats: int = 1, installer: list[str] | None = None) -> dict[str, Any]:
     return {"time": time.time(), "stamp": time.strftime("%Y-%m-%d %H:%M:%S"), "kind": "drift",
-            "source": source, "by": by, "installer": list(installer or ()),
+            "source": source, "by": by, "actor": "external", "result": "noticed",
+            "installer": list(installer or ()),
             "summary": summary(d), **d, "affected": affected_names, "repeats": repeats}
 
 

@@ -331,13 +331,28 @@ class Executor:
             except OSError:
                 pass
             version = meta.get("version", "-")
+            self._history(comp.name, obs, version, "ok", f"in {duration:.1f}s")
             return Outcome(comp.name, "installed", f"installed in {duration:.1f}s ({version})",
                            log=str(comp.log), duration=duration)
         duration = time.monotonic() - start
         tail = procs.tail(comp.log, 15)
         self._record_failure(comp, error)
+        if not self.stop.is_set():
+            self._history(comp.name, obs, "-", "failed", redact(error))
         return Outcome(comp.name, "failed", redact(error), log=str(comp.log), tail=tail,
                        duration=duration)
+
+    def _history(self, name: str, obs: Observed, to: str, result: str, detail: str) -> None:
+        """One history record per installer run (agent/history.py): a repair when the
+        component was there but broken, else an install."""
+        from agent import history
+
+        kind = "repair" if obs.state == State.BROKEN else "install"
+        frm = obs.marker.meta.get("version", "-") if obs.marker else "-"
+        problem = history.quietly(self.config, kind, component=name, frm=frm, to=to,
+                                  result=result, detail=detail)
+        if problem:
+            self.progress(f"{name}: {problem}")
 
     def _user_nodes(self) -> list[Outcome]:
         """Nodes cloned by hand or by ComfyUI-Manager: requirements and install.py."""
