@@ -8,7 +8,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from agent import procs
+from agent import manager, procs
 from agent.kinds.base import Ctx
 from agent.locks import held_by_other
 from agent.markers import read_json
@@ -201,5 +201,6 @@ def collect(config: Config, gpu: bool | None = None) -> dict[str, Any]:
         "agent": agent,
         "comfyui": comfyui,
         "health": health_summary(config),
+        "manager": manager.describe(config),  # ComfyUI-Manager v3 or v4 (agent/manager.py)
         "verdict": verdict(config, comps, comfyui),
     }

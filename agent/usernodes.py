@@ -28,7 +28,7 @@ def custom_nodes_dir(config: Config) -> Path:
 def managed(config: Config) -> set[Path]:
     out: set[Path] = set()
     for comp in config.components.values():
-        if comp.kind == "git":
+        if comp.kind in ("git", "manager"):  # a v3 Manager's clone is its component's
             out.add(Path(comp.spec["dest"]).absolute())
         elif comp.kind == "nodes":
             for node in comp.spec["nodes"]:
