@@ -348,7 +348,7 @@ def _merge(base: _Map, over: _Map, components: bool = False) -> _Map:
             merged["enabled"] = value["enabled"]
             merged.src["enabled"] = value.src["enabled"]
             out[key] = merged
-        elif not components and key == "components" and isinstance(value, _Map) \
+        elif not components and key in ("components", "services") and isinstance(value, _Map) \
                 and isinstance(base.get(key), _Map):
             out[key] = _merge(base[key], value, components=True)
         elif not components and isinstance(value, _Map) and isinstance(base.get(key), _Map):
@@ -561,6 +561,8 @@ TOP_FIELDS = {
     "components": ("any", None),
     "health": ("any", None),
     "http": ("any", None),
+    "services": ("any", None),  # agent/service_config.py
+    "hooks": ("any", None),
 }
 
 COMFYUI_FIELDS = {
@@ -773,6 +775,9 @@ def load(config_path: str | Path | None = None, workspace: str | Path | None = N
     components = _components(data, ctx, ws, defaults)
     health = _health(data, ctx)
     http = _http(data, ctx)
+    from agent.service_config import parse_hooks, parse_services
+    services = parse_services(data, ctx, ws, components)
+    hooks = parse_hooks(data, ctx)
 
     settings = ComfyUISettings(
         dir=cui["dir"], python=cui["python"], venv=cui["venv"],
@@ -793,6 +798,8 @@ def load(config_path: str | Path | None = None, workspace: str | Path | None = N
         sources=tuple(sources),
         health=health,
         http=http,
+        services=services,
+        hooks=hooks,
     ))
 
 

@@ -73,6 +73,8 @@ class Config:
     sources: tuple[str, ...]
     health: Mapping[str, Any] = field(default_factory=dict)  # `health:` (see agent/config.py)
     http: Mapping[str, Any] = field(default_factory=dict)  # `http:` (see agent/config.py)
+    services: Mapping[str, Any] = field(default_factory=dict)  # agent/service_config.py
+    hooks: Any = None  # agent/service_config.Hooks
 
     @property
     def runtime_dir(self) -> Path:
