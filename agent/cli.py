@@ -1,624 +1,62 @@
-"""Thin typer commands: build a result, then render it (text or --json).
+"""pod-agent's command line: one click group whose commands are imported only when one runs.
 
-Exit codes (pre-commit's error_handler): expected error 1, config error 2, Ctrl-C 130,
-anything else 3 with the traceback in <workspace>/logs/pod-agent-crash.log. A filesystem error
-(OSError) that reaches a command is an expected error: one line naming the path and what to do
-(agent/fserr.py), exit 1.
+`COMMANDS` maps each command to the module and function that implement it, with the one-line
+help `pod-agent --help` shows, so that `--help` and every command import only what they use
+(the common options and error mapping are in agent/clikit.py). Adding a command is one line here
+and a click command in its own agent/cli_<topic>.py.
 """
 
 from __future__ import annotations
 
-import functools
-import json
+import importlib
 import sys
-import time
-import traceback
-from pathlib import Path
-from typing import Any, Callable, List, Optional
 
-import typer
-from typing_extensions import Annotated
+import click
 
-from agent.model import AgentError, ConfigError
-
-try:  # typer >= 0.22 carries its own copy of click
-    from typer._click.exceptions import UsageError as _UsageError
-    from typer._click.globals import get_current_context as _current_context
-except ImportError:  # pragma: no cover - an older typer on click itself
-    from click.exceptions import UsageError as _UsageError  # type: ignore[no-redef]
-    from click.globals import get_current_context as _current_context  # type: ignore[no-redef]
-
-# rich_markup_mode=None: plain help (no markup eating "[default: ...]") and plain usage errors
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  rich_markup_mode=None,
-                  help="Keep a ComfyUI pod installed, healthy and running.")
-
-_WS_HELP = "The persistent volume [default: /workspace]."
-_CONFIG_HELP = "A config file that replaces the built-in default."
-WorkspaceOpt = Annotated[Optional[Path], typer.Option(
-    "--workspace", "-w", envvar="POD_AGENT_WORKSPACE", show_envvar=True, help=_WS_HELP)]
-ConfigOpt = Annotated[Optional[Path], typer.Option(
-    "--config", "-c", envvar="POD_AGENT_CONFIG", show_envvar=True, help=_CONFIG_HELP)]
-_COMMON = "pod_agent.common"  # ctx.meta key: --workspace/--config given before the command
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "install": ("agent.cli_core", "install",
+                "Converge the workspace: install what is missing, broken or out of date."),
+    "status": ("agent.cli_core", "status",
+               "What is installed, since when, at which version, what is broken, what runs."),
+    "reset": ("agent.cli_core", "reset",
+              "Remove markers so the next install (or the running agent) reinstalls them."),
+    "health": ("agent.cli_core", "health",
+               "The latest health report (exit 0 healthy, 1 degraded or stale, 2 failing)."),
+    "run": ("agent.cli_core", "run",
+            "The resident agent: watch, reconcile, supervise ComfyUI (entrypoint.sh)."),
+}
 
 
-@app.callback()
-def _common_options(
-    ctx: typer.Context,
-    workspace: Annotated[Optional[Path], typer.Option(
-        "--workspace", "-w", help=_WS_HELP + " Also accepted after the command "
-        "(env POD_AGENT_WORKSPACE).")] = None,
-    config: Annotated[Optional[Path], typer.Option(
-        "--config", "-c", help=_CONFIG_HELP + " Also accepted after the command "
-        "(env POD_AGENT_CONFIG).")] = None,
-) -> None:
+class _LazyGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(COMMANDS)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        entry = COMMANDS.get(cmd_name)
+        if entry is None:
+            return None
+        return getattr(importlib.import_module(entry[0]), entry[1])
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        with formatter.section("Commands"):  # from the table: no command module imported
+            formatter.write_dl([(name, entry[2]) for name, entry in COMMANDS.items()])
+
+
+def _group_options(fn):  # imported here: clikit is light, but keep one place for the options
+    from agent.clikit import group_options
+
+    return group_options(fn)
+
+
+@click.group(cls=_LazyGroup, no_args_is_help=True,
+             context_settings={"help_option_names": ["--help"]})
+@_group_options
+@click.pass_context
+def app(ctx: click.Context, workspace, config) -> None:
     """Keep a ComfyUI pod installed, healthy and running."""
-    ctx.meta[_COMMON] = {"workspace": workspace, "config": config}
+    from agent.clikit import COMMON
 
-
-def _common_args(kwargs: dict[str, Any]) -> None:
-    """--workspace/--config given before the command (`pod-agent -w DIR status`), as git does:
-    the command's own option wins when given on the command line too, then the one before the
-    command, then the environment variable, then the default."""
-    ctx = _current_context(silent=True)
-    common = ctx.meta.get(_COMMON) if ctx is not None else None
-    if not common:
-        return
-    for name, value in common.items():
-        if name not in kwargs or value is None:
-            continue
-        source = ctx.get_parameter_source(name)
-        if getattr(source, "name", None) != "COMMANDLINE":
-            kwargs[name] = value
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object.")]
-
-
-def _safe(text: str) -> str:
-    """Printable whatever a path holds: undecodable bytes of a file name (surrogates) shown as
-    escapes instead of raising UnicodeEncodeError."""
-    return text.encode("utf-8", "backslashreplace").decode("utf-8")
-
-
-def _out(text: str = "") -> None:
-    sys.stdout.write(_safe(text) + "\n")
-    sys.stdout.flush()
-
-
-def _err(text: str) -> None:
-    sys.stderr.write(_safe(text) + "\n")
-    sys.stderr.flush()
-
-
-_workspace_hint: list[Path] = []
-
-
-def _crash_log(exc: BaseException) -> str:
-    from agent.redact import redact
-
-    folders = [w / "logs" for w in _workspace_hint[-1:]] + [Path("/tmp")]
-    for folder in folders:
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            path = folder / "pod-agent-crash.log"
-            with open(path, "a") as fh:
-                fh.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {redact(' '.join(sys.argv))}\n")
-                fh.write(redact("".join(traceback.format_exception(exc))))
-            return str(path)
-        except OSError:
-            continue
-    return "(no writable log folder)"
-
-
-def handled(fn: Callable[..., Any]) -> Callable[..., Any]:
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from agent.redact import redact
-
-        try:
-            _common_args(kwargs)
-            return fn(*args, **kwargs)
-        except typer.Exit:
-            raise
-        except ConfigError as exc:
-            _err(f"config error: {redact(str(exc))}")
-            raise typer.Exit(2)
-        except AgentError as exc:
-            _err(f"error: {redact(str(exc))}")
-            raise typer.Exit(1)
-        except KeyboardInterrupt:
-            _err("interrupted")
-            raise typer.Exit(130)
-        except OSError as exc:  # a full disk, a read-only volume, a file where a folder goes
-            from agent.fserr import describe
-
-            _err(f"error: {redact(describe(exc))}")
-            raise typer.Exit(1)
-        except Exception as exc:  # noqa: BLE001 - the last line of defence
-            where = _crash_log(exc)
-            _err(f"internal error: {type(exc).__name__}: {redact(str(exc))[:200]} "
-                 f"(traceback in {where})")
-            raise typer.Exit(3)
-
-    return wrapper
-
-
-def _load(config: Optional[Path], workspace: Optional[Path], create: bool = False):
-    """The config, with a workspace that is usable: a folder (created when `create`)."""
-    from agent import config as cfg
-    from agent.log import quiet
-
-    quiet()
-    conf = cfg.load(config, workspace)
-    check_workspace(conf.workspace, create)
-    _workspace_hint.append(conf.workspace)
-    return conf
-
-
-def check_workspace(ws: Path, create: bool) -> None:
-    """One line (FsError) when the workspace is a file, sits below a file, cannot be reached or
-    (with `create`) cannot be created. A workspace that does not exist yet is fine for the
-    commands that only read (`status` on a fresh volume shows everything missing)."""
-    import os
-    import stat
-
-    from agent.fserr import FsError, describe
-    from agent.markers import blocking_ancestor
-
-    try:
-        mode = os.stat(ws).st_mode
-    except FileNotFoundError:
-        if not create:
-            return
-        try:
-            ws.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            culprit = blocking_ancestor(ws)
-            if culprit is not None:
-                raise FsError(f"{culprit}: is a file, not a folder: cannot create the "
-                              f"workspace {ws} below it: move that file away or pass another "
-                              "--workspace") from None
-            raise FsError(describe(exc, "cannot create the workspace") +
-                          "; or pass another --workspace") from None
-        return
-    except (OSError, ValueError) as exc:
-        culprit = blocking_ancestor(ws) if isinstance(exc, NotADirectoryError) else None
-        if culprit is not None:
-            raise FsError(f"{culprit}: is a file, not a folder: the workspace {ws} cannot be "
-                          "below it: move that file away or pass another --workspace") from None
-        if isinstance(exc, ValueError):
-            raise FsError(f"workspace {ws!r}: not a usable path ({exc})") from None
-        raise FsError(describe(exc, "the workspace cannot be used")) from None
-    if not stat.S_ISDIR(mode):
-        raise FsError(f"{ws}: the workspace is a file, not a folder: move it away or pass "
-                      "another --workspace")
-
-
-# ----------------------------------------------------------------------------- install
-class _Printer:
-    """Progress: a live line with step and elapsed time on a TTY, plain lines otherwise."""
-
-    def __init__(self, enabled: bool):
-        self.enabled = enabled
-        self.tty = enabled and sys.stdout.isatty()
-        self._status = None
-        self._started = 0.0
-        self._name = ""
-        self._thread = None
-
-    def begin(self, step) -> None:
-        if not self.enabled:
-            return
-        verb = "reinstalling" if step.action.value == "reinstall" else "installing"
-        why = f" ({step.reason})" if step.reason else ""
-        self._name = step.name
-        self._started = time.monotonic()
-        if self.tty:
-            from rich.console import Console
-
-            console = Console()
-            self._status = console.status(f"{step.name}: {verb}{why}")
-            self._status.start()
-            import threading
-
-            stop = threading.Event()
-            label = f"{step.name}: {verb}{why}"
-
-            def tick() -> None:
-                while not stop.wait(1.0):
-                    if self._status:
-                        self._status.update(f"{label} [{time.monotonic() - self._started:.0f}s]")
-
-            self._thread = (threading.Thread(target=tick, daemon=True), stop)
-            self._thread[0].start()
-        else:
-            _out(f"{step.name}: {verb}{why}")
-
-    def end(self, outcome) -> None:
-        if self._status is not None:
-            self._thread[1].set()
-            self._status.stop()
-            self._status = None
-        if not self.enabled:
-            return
-        _out(f"{outcome.name}: {outcome.message}"
-             if outcome.status in ("already", "installed", "skipped", "disabled")
-             else f"{outcome.name}: {outcome.status}: {outcome.message}")
-        if outcome.status == "failed":
-            if outcome.log:
-                _out(f"  log: {outcome.log}")
-            for line in outcome.tail.splitlines():
-                _out(f"  | {line}")
-
-
-@app.command()
-@handled
-def install(
-    names: Annotated[Optional[List[str]], typer.Argument(
-        help="Components to converge (with what they depend on); all when omitted.")] = None,
-    force: Annotated[bool, typer.Option("--force", help="Reinstall the named (or all) "
-                                        "components even when installed.")] = False,
-    json_out: JsonOpt = False,
-    workspace: WorkspaceOpt = None,
-    config: ConfigOpt = None,
-) -> None:
-    """Converge the workspace: install what is missing, broken or out of date."""
-    from agent.execute import Executor
-    from agent.markers import clean_temps
-
-    conf = _load(config, workspace, create=True)
-    clean_temps(conf)  # temp files of writes a kill -9 cut short
-    printer = _Printer(enabled=not json_out)
-    report = Executor(conf, reporter=printer).run(names or None, force=force)
-    if json_out:
-        _out(json.dumps({"ok": report.ok, "changed": report.changed, "outcomes": [
-            {"name": o.name, "status": o.status, "message": o.message, "log": o.log or None,
-             "tail": o.tail or None, "duration": round(o.duration, 2)}
-            for o in report.outcomes]}, indent=2))
-    else:
-        if not report.changed and report.ok:
-            _out("Nothing to do: everything asked for is already installed.")
-        elif report.ok:
-            _out(f"Done: installed {', '.join(report.changed)}.")
-        else:
-            bad = [o.name for o in report.outcomes
-                   if o.status in ("failed", "blocked") and o.name in report.requested]
-            _out(f"Not installed: {', '.join(bad)}. See the logs above; rerun "
-                 f"`pod-agent install` after fixing the cause.")
-    if not report.ok:
-        raise typer.Exit(1)
-
-
-# ----------------------------------------------------------------------------- status
-def _age(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    s = int(seconds)
-    if s < 60:
-        return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m{s % 60:02d}s"
-    if s < 86400:
-        return f"{s // 3600}h{(s % 3600) // 60:02d}m"
-    return f"{s // 86400}d{(s % 86400) // 3600:02d}h"
-
-
-def _size(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
-
-
-def _cell(value: Any, limit: int) -> str:
-    """A table cell: one line, at most `limit` characters (a hostile marker or state file
-    never widens every row of the table)."""
-    text = " ".join(str(value).split())
-    return text if len(text) <= limit else text[:max(0, limit - 3)] + "..."
-
-
-def _exit_text(last: dict[str, Any]) -> str:
-    """How ComfyUI last ended: `code 1`, `killed by signal 9 (SIGKILL)`, `unknown` (an adopted
-    process that is not our child leaves no status)."""
-    import signal as _signal
-
-    code, sig = last.get("code"), last.get("signal")
-    if isinstance(sig, int) and not isinstance(sig, bool):
-        try:
-            name = f" ({_signal.Signals(sig).name})"
-        except ValueError:
-            name = ""
-        return f"killed by signal {sig}{name}"
-    if isinstance(code, int) and not isinstance(code, bool):
-        return f"code {code}"
-    return "unknown (not our child: no exit status)"
-
-
-def render_status(data: dict[str, Any]) -> str:
-    rows = [("COMPONENT", "STATE", "SINCE", "VERSION", "REASON")]
-    for name, c in data["components"].items():
-        rows.append((name, c["state"], _cell(c["timestamp"] or "-", 25),
-                     _cell(c["version"] or "-", 40), _cell(c["reason"] or "", 2000)))
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    missing = " (MISSING: no such folder)" if data.get("workspace_missing") else ""
-    lines = [f"workspace: {data['workspace']}{missing}   verdict: {data['verdict'].upper()}", ""]
-    for r in rows:
-        lines.append("  ".join(r[i].ljust(widths[i]) for i in range(4)) + "  " + r[4])
-    agent, cui = data.get("agent"), data.get("comfyui")
-    if agent:
-        lines += ["", f"AGENT     pid {agent['pid']}  up {_age(agent.get('uptime'))}  last "
-                      f"reconcile {agent.get('last_reconcile') or '-'} "
-                      f"({agent.get('last_result') or '-'})"]
-        if agent.get("http"):
-            lines.append(f"HTTP      {agent['http'].get('detail')}")
-        if cui:
-            last = cui.get("last_exit") or {}
-            text = (f"COMFYUI   {cui.get('state', '?').upper()}  pid {cui.get('pid') or '-'}  "
-                    f"up {_age(cui.get('uptime'))}  restarts {cui.get('restarts', 0)}")
-            if last:
-                text += f"  last exit: {_exit_text(last)}"
-            lines.append(text)
-            if cui.get("pending_restart"):
-                pr = cui["pending_restart"]
-                lines.append(f"          restart pending ({pr.get('reason')}), waiting for "
-                             f"{pr.get('waiting_for')}")
-            if cui.get("degraded_reason"):
-                lines.append(f"          degraded: {cui['degraded_reason']}")
-    elif cui is None and data.get("agent") is None:
-        lines += ["", "AGENT     not running (start it with `pod-agent run`)"]
-    hs = data.get("health")
-    if hs:
-        bad = [f"{n} {st}" for n, st in hs["checks"].items() if st in ("fail", "warn")]
-        lines.append(f"HEALTH    {str(hs.get('verdict')).upper()}  at {hs.get('time')}"
-                     + (f"  ({', '.join(bad)})" if bad else "")
-                     + (f"  quarantined: {', '.join(hs['quarantined'])}"
-                        if hs.get("quarantined") else "") + "  (`pod-agent health`)")
-    if data.get("processes"):
-        lines += ["", "PROCESSES"]
-        for p in data["processes"]:
-            extra = ""
-            if p["role"] == "comfyui" and p.get("state"):
-                extra = f" state={p['state']} restarts={p.get('restarts', 0)}"
-            if p["role"] == "installer":
-                extra = f" component={p['component']}" + (
-                    f" installing for {_age(p['for'])}" if p.get("for") is not None else "")
-            if p["role"] == "agent" and p.get("last_reconcile"):
-                extra = f" last reconcile {p['last_reconcile']} ({p.get('last_result')})"
-            lines.append(f"  {p['role']:<9} pid {p['pid']}  up {_age(p.get('uptime'))}{extra}")
-    if data.get("logs"):
-        lines += ["", "LOGS"]
-        for log in data["logs"]:
-            lines.append(f"  {log['path']}  {_size(log['size'])}  {_age(log['age'])} ago  "
-                         f"| {log['last_line'][:100]}")
-    return "\n".join(lines)
-
-
-@app.command()
-@handled
-def status(json_out: JsonOpt = False, workspace: WorkspaceOpt = None,
-           config: ConfigOpt = None) -> None:
-    """What is installed, since when, at which version, what is broken and why, what runs."""
-    from agent.status import collect
-
-    conf = _load(config, workspace)
-    data = collect(conf)
-    if data["workspace_missing"]:
-        _err(f"warning: the workspace {conf.workspace} does not exist: nothing is installed "
-             "there; pass the right --workspace (or POD_AGENT_WORKSPACE), or create it with "
-             "`pod-agent install` or `pod-agent run`")
-    _out(json.dumps(data, indent=2) if json_out else render_status(data))
-    if data["verdict"] != "healthy":
-        raise typer.Exit(1)
-
-
-# ----------------------------------------------------------------------------- reset
-@app.command()
-@handled
-def reset(
-    names: Annotated[Optional[List[str]], typer.Argument(help="Components to reset.")] = None,
-    all_: Annotated[bool, typer.Option("--all", help="Remove every marker.")] = False,
-    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask (needed without a "
-                                      "terminal).")] = False,
-    workspace: WorkspaceOpt = None,
-    config: ConfigOpt = None,
-) -> None:
-    """Remove markers so the next install (or the running agent) reinstalls them."""
-    from agent import markers
-    from agent.redact import redact
-
-    conf = _load(config, workspace)
-    if bool(names) == all_:
-        raise AgentError("name the components to reset, or pass --all "
-                         f"(components: {', '.join(conf.components)})")
-    _check_markers_dir(conf.markers_dir)
-    if all_:
-        targets = markers.present(conf.markers_dir)
-        if not targets:
-            _out(f"No markers in {conf.markers_dir}.")
-            return
-        if not yes:
-            if not sys.stdin.isatty():
-                raise AgentError("reset --all removes every marker; pass --yes to confirm "
-                                 "when not on a terminal")
-            if not typer.confirm(f"Remove {len(targets)} markers from {conf.markers_dir}?"):
-                raise typer.Exit(1)
-    else:
-        unknown = [n for n in names if n not in conf.components]
-        if unknown:
-            raise AgentError(f"unknown component '{unknown[0]}' (valid: "
-                             f"{', '.join(conf.components)})")
-        targets = list(dict.fromkeys(names))
-        targets += [n for n, c in conf.components.items() if c.kind == "overall"]
-    removed, refused = [], []
-    for name in targets:  # one that cannot be removed does not stop the others
-        try:
-            if markers.remove(conf.markers_dir, name):
-                removed.append(name)
-                _out(f"removed {markers.path_for(conf.markers_dir, name)}")
-        except AgentError as exc:
-            refused.append(name)
-            _err(f"error: {redact(str(exc))}")
-    if not removed and not refused:
-        _out("No marker to remove.")
-    if refused:
-        raise typer.Exit(1)
-
-
-def _check_markers_dir(folder: Path) -> None:
-    """A marker folder that is a file (or below one) is one line, not 'no markers'."""
-    import os
-    import stat
-
-    from agent.fserr import FsError, describe
-    from agent.markers import blocking_ancestor
-
-    try:
-        mode = os.stat(folder).st_mode
-    except FileNotFoundError:
-        return
-    except OSError as exc:
-        culprit = blocking_ancestor(folder) if isinstance(exc, NotADirectoryError) else None
-        if culprit is not None:
-            raise FsError(f"{culprit}: is a file, not a folder (needed for the marker folder "
-                          f"{folder}): move that file away") from None
-        raise FsError(describe(exc, "cannot read the marker folder")) from None
-    if not stat.S_ISDIR(mode):
-        raise FsError(f"{folder}: the marker folder is a file, not a folder: move it away "
-                      "(`pod-agent install` then recreates the folder and the markers)")
-
-
-# ----------------------------------------------------------------------------- health
-def render_health(data: dict[str, Any]) -> str:
-    from agent.health import parse_time
-
-    now = time.time()
-    head = f"health: {data['verdict'].upper()}"
-    if data.get("stale") and data.get("reported_verdict"):
-        head += f" (the report said {str(data['reported_verdict']).upper()})"
-    if data.get("time"):
-        head += f"   (report by {data.get('source', '?')} pid {data.get('pid', '?')} on " \
-                f"{data.get('host', '?')})"
-    stale = data.get("stale_checks") or {}
-    rows = [("CHECK", "STATUS", "WHEN", "TOOK", "ACTION", "DETAIL")]
-    for name, e in data["checks"].items():
-        when = _age(now - parse_time(e.get("time"))) + " ago" if e.get("time") else "-"
-        if name in stale:
-            when += " STALE"
-        try:
-            took = f"{float(e.get('duration') or 0):.2f}s"
-        except (TypeError, ValueError):
-            took = "?"
-        rows.append((_cell(name, 24), _cell(e.get("status", "?"), 8).upper(), when, took,
-                     _cell(e.get("action") or "none", 200),
-                     " ".join(str(e.get("detail") or "").split())[:2000]))
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    awidth = min(32, max(len(r[4]) for r in rows))
-    lines = [head]
-    if data.get("stale"):
-        lines += [f"STALE: {data.get('stale_reason')}: the results below are not current; "
-                  "start the agent (`pod-agent run`) or run `pod-agent health --now`"]
-    lines.append("")
-    for r in rows:
-        action = r[4] if len(r[4]) <= awidth else r[4][:awidth - 3] + "..."
-        lines.append("  ".join(r[i].ljust(widths[i]) for i in range(4)) + "  "
-                     + action.ljust(awidth) + "  " + r[5])
-    for name, why in (data.get("quarantined") or {}).items():
-        lines += ["", f"QUARANTINED {name}: {why}"]
-    return "\n".join(lines)
-
-
-@app.command()
-@handled
-def health(
-    json_out: JsonOpt = False,
-    check: Annotated[Optional[str], typer.Option(
-        "--check", help="Only this check (comfyui_http, comfyui_process, sageattention, "
-        "components, disk, gpu, agent).")] = None,
-    now: Annotated[bool, typer.Option(
-        "--now", help="Run the checks now (also without a running agent; report only, "
-        "no self-healing) instead of showing the latest report.")] = False,
-    workspace: WorkspaceOpt = None,
-    config: ConfigOpt = None,
-) -> None:
-    """The latest health report (exit 0 healthy, 1 degraded or stale, 2 failing).
-
-    A report is stale when the agent that wrote it no longer runs or a check's result is
-    older than 3 intervals: it is then never HEALTHY (exit 1, or 2 when it said failing)."""
-    from agent import health as h
-    from agent.checks import REGISTRY
-    from agent.redact import redact
-
-    conf = _load(config, workspace, create=now)
-    if check is not None and check not in REGISTRY:
-        raise AgentError(f"unknown check '{check}' (known: {', '.join(REGISTRY)})")
-    state = None
-    if now:
-        note = h.open_report(conf)  # a full or read-only disk: the checks still run and print
-        try:
-            monitor = h.Monitor(conf, source="cli")
-            names = [check] if check else monitor.enabled()
-            monitor.run_many(names, force=True)
-        finally:
-            h.close_report()
-        if note:
-            _err(f"warning: {redact(note)}")
-        state = monitor.state()  # this run's results, even when health.json was not written
-    else:
-        state = h.load_state(conf)
-    if state is None:
-        raise AgentError(f"no health report yet ({h.state_path(conf)}): start the agent "
-                         "(`pod-agent run`) or run `pod-agent health --now`")
-    checks = state["checks"]
-    if check is not None:
-        if check not in checks:
-            raise AgentError(f"no result for check '{check}' yet: run "
-                             f"`pod-agent health --now --check {check}`")
-        checks = {check: checks[check]}
-    quarantined = state.get("quarantined") or {}
-    reported = h.verdict((e.get("status") for e in checks.values()),
-                         bool(quarantined) and check is None)
-    # a saved report from an agent that is gone, or too old, is not the pod's health now
-    fresh = {"stale": False, "reason": None, "checks": {}} if now \
-        else h.staleness(conf, state, checks)
-    checks = {n: dict(e, stale=n in fresh["checks"]) for n, e in checks.items()}
-    data = dict(state, checks=checks, verdict="stale" if fresh["stale"] else reported,
-                reported_verdict=reported, stale=fresh["stale"], stale_reason=fresh["reason"],
-                stale_checks=fresh["checks"])
-    _out(json.dumps(data, indent=2) if json_out else render_health(data))
-    code = max(h.EXIT_CODES[data["verdict"]], h.EXIT_CODES[reported])
-    if code:
-        raise typer.Exit(code)
-
-
-@app.command()
-@handled
-def run(
-    poll: Annotated[Optional[str], typer.Option(
-        "--poll", metavar="SECONDS", help="Poll the watched folders every SECONDS (0.05 to "
-        "3600) instead of inotify (network volumes).")] = None,
-    no_comfyui: Annotated[bool, typer.Option("--no-comfyui", help="Keep the workspace "
-                                             "installed but do not start ComfyUI.")] = False,
-    workspace: WorkspaceOpt = None,
-    config: ConfigOpt = None,
-) -> None:
-    """The resident agent: watch, reconcile, supervise ComfyUI (used by entrypoint.sh)."""
-    from agent.config import AGENT_LIMITS
-    from agent.daemon import Daemon
-
-    if poll is not None:  # parsed here, not by click: a bad value is one line, never a spin
-        rng = AGENT_LIMITS["poll"]
-        try:
-            seconds = float(poll)
-        except ValueError:
-            seconds = float("nan")
-        if not rng.lo <= seconds <= rng.hi:  # also refuses nan and inf
-            raise ConfigError(f"--poll must be a number of seconds from {rng.lo:g} to "
-                              f"{rng.hi:g}, got {poll[:60]!r}")
-        poll = seconds  # type: ignore[assignment]
-    _load(config, workspace, create=True)  # validate first: a config error is one line, exit 2
-    code = Daemon(config, workspace, poll=poll,
-                  start_comfyui=False if no_comfyui else None).run()
-    raise typer.Exit(code)
+    ctx.meta[COMMON] = {"workspace": workspace, "config": config}
 
 
 def main() -> None:
@@ -627,18 +65,32 @@ def main() -> None:
             stream.reconfigure(errors="backslashreplace")  # type: ignore[union-attr]
         except (AttributeError, ValueError):
             pass
+    from agent.clikit import err
+
     try:
-        code = app(standalone_mode=False)
-    except _UsageError as exc:
+        code = app.main(standalone_mode=False, prog_name=_prog_name())
+    except click.exceptions.UsageError as exc:
         if type(exc).__name__ == "NoArgsIsHelpError":  # bare `pod-agent`: the help
             exc.show()
             sys.exit(exc.exit_code)
         # one line, not click's four (usage, hint, blank, error): exit 2 as click does
         where = exc.ctx.command_path if exc.ctx is not None else "pod-agent"
-        _err(f"usage error: {' '.join(exc.format_message().split())} "
-             f"(see `{where} --help`)")
+        err(f"usage error: {' '.join(exc.format_message().split())} (see `{where} --help`)")
         sys.exit(exc.exit_code)
-    except typer.Abort:
-        _err("aborted")
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        err("aborted")
         sys.exit(1)
+    except click.exceptions.ClickException as exc:
+        err(f"error: {' '.join(exc.format_message().split())}")
+        sys.exit(exc.exit_code)
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def _prog_name() -> str:
+    """`pod-agent` for the console script, `python -m agent` for the module, as click says."""
+    import os
+
+    name = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "pod-agent"
+    return "python -m agent" if name == "__main__.py" else name

@@ -18,6 +18,26 @@ import pytest
 
 from tests.helpers import build_wheel, make_repo, wait_for, write_yaml
 
+# ----------------------------------------------------------------------------- pytest-xdist
+_TALLIES: list[dict] = []  # the reliability tables of the xdist workers (controller side)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error) -> None:
+    import json
+
+    data = getattr(node, "workeroutput", {}).get("reliability_tally")
+    if data:
+        _TALLIES.append(json.loads(data))
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
+    """Under pytest-xdist: one reliability table from the workers' tables."""
+    if _TALLIES:
+        from tests.reliability.conftest import merge, print_table
+
+        print_table(terminalreporter, merge(_TALLIES))
+
 
 @pytest.fixture(autouse=True, scope="session")
 def _isolated_env(tmp_path_factory):

@@ -233,7 +233,7 @@ def test_component_env_and_installer_env_values_stay_out_of_logs_and_install_out
 
 
 def test_crash_log_knows_registered_secrets(ws, registry, monkeypatch):
-    from agent import cli
+    from agent import clikit as cli
 
     registry.register("crash-secret-value")
     monkeypatch.setattr(cli, "_workspace_hint", [ws.root])

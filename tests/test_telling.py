@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from agent import health as h
-from agent.cli import render_status
+from agent.cli_core import render_status
 from agent.config import load
 from agent.execute import describe
 from agent.model import Outcome

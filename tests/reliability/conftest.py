@@ -80,26 +80,52 @@ def tally() -> Tally:
     return Tally()
 
 
-def render() -> str:
+def render(table: dict[str, Row] | None = None) -> str:
+    table = TABLE if table is None else table
     head = ("suite", "cases", "passed", "crashes", "lies", "leaks", "converged")
     rows = [head] + [(name, str(r.cases), str(r.passed), str(r.crashes), str(r.lies),
                       str(r.leaks), "-" if r.converged is None else f"{r.converged}/{r.cases}")
-                     for name, r in TABLE.items()]
+                     for name, r in table.items()]
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     lines = ["| " + " | ".join(c.ljust(widths[i]) for i, c in enumerate(r)) + " |" for r in rows]
     lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
     return "\n".join(lines)
 
 
-def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
-    if not TABLE:
-        return
+def merge(parts: list[dict[str, dict]]) -> dict[str, Row]:
+    """The tables of several pytest-xdist workers as one (each worker ran some of the cases)."""
+    table: dict[str, Row] = {}
+    for part in parts:
+        for name, data in part.items():
+            row = table.setdefault(name, Row())
+            for key in ("cases", "passed", "crashes", "lies", "leaks"):
+                setattr(row, key, getattr(row, key) + data[key])
+            if data["converged"] is not None:
+                row.converged = (row.converged or 0) + data["converged"]
+            row.notes += data["notes"]
+    return table
+
+
+def print_table(terminalreporter, table: dict[str, Row]) -> None:
     terminalreporter.section(f"reliability ({'full' if FULL else 'short'} run)")
-    terminalreporter.write_line(render())
-    for name, row in TABLE.items():
+    terminalreporter.write_line(render(table))
+    for name, row in table.items():
         for note in row.notes:
             terminalreporter.write_line(f"  {name}: {note}")
     out = os.environ.get("POD_AGENT_RELIABILITY_OUT")
     if out:
         with open(out, "w") as fh:
-            json.dump({n: r.__dict__ for n, r in TABLE.items()}, fh, indent=1)
+            json.dump({n: r.__dict__ for n, r in table.items()}, fh, indent=1)
+
+
+def pytest_sessionfinish(session) -> None:
+    """In a pytest-xdist worker: hand this worker's table to the controller (tests/conftest.py
+    merges them and prints one table)."""
+    workeroutput = getattr(session.config, "workeroutput", None)
+    if workeroutput is not None and TABLE:
+        workeroutput["reliability_tally"] = json.dumps({n: r.__dict__ for n, r in TABLE.items()})
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
+    if TABLE and getattr(config, "workeroutput", None) is None:  # a run without xdist
+        print_table(terminalreporter, TABLE)
