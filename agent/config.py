@@ -906,7 +906,8 @@ def _components(data: _Map, ctx: _Ctx, ws: Path, defaults: Mapping[str, Any]) ->
             retry_backoff=values["retry_backoff"] if values["retry_backoff"] is not None
             else defaults["retry_backoff"],
             log=Path(log).absolute(), spec=spec,
-            restart_comfyui=values["restart_comfyui"] and kind != "overall",
+            restart_comfyui=(values["restart_comfyui"] if "restart_comfyui" in body else
+                             getattr(module, "RESTART_COMFYUI", True)) and kind != "overall",
         )
     for name, comp in out.items():
         body = raw[name]

@@ -60,6 +60,10 @@ def _observe_one(comp: Component, ctx: Ctx, check_locks: bool) -> Observed:
         return Observed(State.DISABLED, "disabled in config")
     if comp.requires_gpu and not ctx.gpu:
         return Observed(State.SKIPPED, "skipped: no GPU")
+    skip = getattr(KINDS[comp.kind], "skip_reason", None)  # e.g. download: token not set
+    reason = skip(comp, ctx) if skip else None
+    if reason:
+        return Observed(State.SKIPPED, reason)
     if check_locks:
         holder = held_by_other(lock_path(config, comp.name))
         if holder is not None:

@@ -7,7 +7,7 @@ probe(comp, ctx, marker)     -> None when the real artifact is fine, else a Prob
 install(comp, ctx)           -> metadata for the marker (version, ...); raises InstallError
 """
 
-from agent.kinds import command, git, manager, nodes, overall, pip
+from agent.kinds import command, download, folders, git, manager, nodes, overall, pip
 
 KINDS = {"git": git, "pip": pip, "command": command, "nodes": nodes, "manager": manager,
-         "overall": overall}
+         "download": download, "folders": folders, "overall": overall}
