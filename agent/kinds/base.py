@@ -76,9 +76,6 @@ class Ctx:
         self.invalidate()
 
     # -------------------------------------------------------------- installer
-    def _inherits_system_site(self) -> bool:
-        return venv.inherits_system_site(self.python.parent.parent)
-
     def uv(self) -> str | None:
         found = shutil.which("uv")
         if found:
@@ -86,27 +83,17 @@ class Ctx:
         sibling = Path(sys.executable).parent / "uv"
         return str(sibling) if sibling.exists() else None
 
-    def installer(self) -> list[str]:
-        """The install command prefix. uv ignores packages inherited through
-        --system-site-packages (astral-sh/uv#4466, #7358) and would reinstall the image's CUDA
-        torch into the venv, so `auto` uses uv only for interpreters that inherit nothing."""
-        choice = self.config.installer
-        uv = self.uv() if choice in ("auto", "uv") else None
-        if choice == "uv" and not uv:
-            raise InstallError("installer: uv was asked for but no uv binary is on PATH")
-        if uv and (choice == "uv" or not self._inherits_system_site()):
-            return [uv, "pip", "install", "--python", str(self.python)]
-        return [str(self.python), "-m", "pip", "install"]
-
     def pip_install(self, comp: Component, args: Sequence[str], title: str) -> None:
+        """Install pip arguments into the target interpreter with the configured installer:
+        uv with every inherited package pinned and excluded, pip as the fallback
+        (agent/uvinstall.py)."""
+        from agent import uvinstall
+
         self.ensure_python(comp)
-        cmd = self.installer() + list(args) + list(self.config.installer_args)
-        result = procs.run(cmd, log=comp.log, timeout=comp.timeout, title=title,
-                           env=self.config.installer_env)
-        self.invalidate()
-        if not result.ok:
-            why = "timed out" if result.timed_out else f"exit {result.returncode}"
-            raise InstallError(f"{title} failed ({why})")
+        try:
+            uvinstall.install(self, comp, args, title)
+        finally:
+            self.invalidate()
 
     # -------------------------------------------------------------- git
     def git(self, comp: Component, args: Sequence[str], title: str, cwd: Path | None = None,
