@@ -121,3 +121,285 @@ def run_hook(which: str, hooks: Hooks | None, stop: threading.Event | None = Non
     else:
         logger.info(f"hook {which}: {path} done in {res.duration:.1f}s")
     return res.returncode
+
+
+# --------------------------------------------------------------------------- the manager
+SERVICES_DIR = "services"  # <runtime_dir>/services/<name>.json: the engine's state files
+STATE_FILE = "services.json"  # <runtime_dir>/services.json: every service's snapshot
+REQUESTS_DIR = "requests"  # <runtime_dir>/requests/restart-*.json: `pod-agent restart`
+TICK = 0.5
+STATE_REFRESH = 10.0  # services.json is written on a change, and at least this often
+SNAPSHOT_KEYS = ("state", "pid", "uptime", "restarts", "failures", "last_exit", "ready",
+                 "port", "log", "next_start_in", "last_failure", "degraded_reason",
+                 "pending_restart", "adopted")
+
+
+class Manager:
+    """Every configured service on the engine: started at the right moment, ticked by one
+    thread, restarted per its policy, stopped at shutdown. `snapshot()` is what status,
+    /status, /readyz and /metrics show."""
+
+    def __init__(self, config, *, installed=None, comfy_ready=None, comfy_restart=None,
+                 environ: Mapping[str, str] | None = None, tick: float = TICK) -> None:
+        self.config = config
+        self.environ = dict(os.environ if environ is None else environ)
+        self._installed = installed or (lambda name: False)
+        self._comfy_ready = comfy_ready or (lambda: False)
+        self._comfy_restart = comfy_restart
+        self.tick_interval = tick
+        self.services: dict = {}  # name -> engine.Service (enabled ones, once started)
+        self.off: dict[str, str] = {}  # name -> why it does not run
+        self.waiting: dict[str, tuple[str, ...]] = {}  # name -> components it waits for
+        self._lock = threading.RLock()
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._hook_thread: threading.Thread | None = None
+        self._post_start_done = False
+        self._last_written: dict | None = None
+        self._last_write = 0.0
+        self._write_failed = False
+
+    @property
+    def runtime_dir(self) -> Path:
+        return self.config.runtime_dir
+
+    # ------------------------------------------------------------------ start
+    def start(self) -> None:
+        """Decide which services run here, start those whose components are there (all of
+        them on a resumed volume: their markers exist), then tick in a thread of our own."""
+        with self._lock:
+            for name, spec in self.config.services.items():
+                why = spec.auto_off(self.environ)
+                if why:
+                    self.off[name] = why
+                    if spec.enabled == "auto":
+                        logger.debug(f"service {name} not started: {why}")
+                    continue
+                self.waiting[name] = tuple(spec.depends_on)
+            self._start_due("agent started")
+        self._thread = threading.Thread(target=self._run, name="services", daemon=True)
+        self._thread.start()
+
+    def components_changed(self) -> None:
+        """After a reconcile pass: start the services whose components are now installed."""
+        self._wake.set()
+
+    def _start_due(self, why: str) -> None:
+        for name, deps in list(self.waiting.items()):
+            missing = [d for d in deps if not self._installed(d)]
+            if missing:
+                continue
+            del self.waiting[name]
+            self._start_one(name, why if not deps else f"{why}: {', '.join(deps)} installed")
+
+    def _start_one(self, name: str, why: str) -> None:
+        from agent import engine
+
+        spec = self.config.services[name]
+        try:
+            prepare(spec, self.environ)
+        except AgentError as exc:
+            logger.warning(f"service {name}: {exc}")
+        svc = self.services.get(name)
+        if svc is None:
+            svc = engine.Service(self._engine_spec(spec), self.runtime_dir / SERVICES_DIR,
+                                 timing=self._timing(spec))
+            self.services[name] = svc
+        else:
+            svc.spec = self._engine_spec(spec)
+            svc.timing = self._timing(spec)
+        svc.start(why)
+
+    def _engine_spec(self, spec: ServiceSpec):
+        from agent import engine
+        from agent.redact import secret_name
+
+        env = spec.environment(self.environ)
+        secrets = tuple(v for k, v in env.items() if v and secret_name(k))
+        ready = None
+        if spec.ready == "tcp":
+            ready = engine.TcpReady(spec.port)
+        elif spec.ready:
+            ready = engine.HttpReady(spec.port, spec.ready)
+        return engine.Spec(name=spec.name, command=spec.argv(self.environ), log=spec.log,
+                           cwd=spec.cwd, env=env, ready=ready, restart=spec.restart,
+                           stop_timeout=spec.stop_timeout, port=spec.port, secrets=secrets,
+                           title=f"service {spec.name}")
+
+    def _timing(self, spec: ServiceSpec) -> dict:
+        agent = dict(self.config.agent)
+        timing = {k: agent[k] for k in ("ready_poll_interval", "liveness_interval",
+                                        "liveness_failures", "backoff_initial", "backoff_max",
+                                        "backoff_reset_after", "degraded_after",
+                                        "degraded_window", "degraded_retry") if k in agent}
+        timing["ready_timeout"] = spec.ready_timeout
+        timing["stop_timeout"] = spec.stop_timeout
+        return timing
+
+    # ------------------------------------------------------------------ the loop
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._tick()
+            except Exception:  # noqa: BLE001 - keep supervising whatever one tick did
+                logger.exception("services: tick failed")
+            self._wake.wait(self.tick_interval)
+            self._wake.clear()
+
+    def _tick(self) -> None:
+        with self._lock:
+            if self._stop.is_set():
+                return
+            if self.waiting:
+                self._start_due("components installed")
+            for svc in list(self.services.values()):
+                svc.tick()
+        self._take_requests()
+        self._post_start()
+        self.write_state()
+
+    def _post_start(self) -> None:
+        if self._post_start_done or not self._comfy_ready():
+            return
+        self._post_start_done = True
+        hooks = getattr(self.config, "hooks", None)
+        if hooks is None or hooks.post_start is None or not Path(hooks.post_start).is_file():
+            return
+        self._hook_thread = threading.Thread(target=run_hook,
+                                             args=("post_start", hooks, self._stop),
+                                             name="hook-post_start", daemon=True)
+        self._hook_thread.start()
+
+    # ------------------------------------------------------------------ requests
+    def request_restart(self, name: str, why: str, urgent: bool = False) -> dict:
+        """Restart one service (`comfyui`: through its supervisor, queue-aware unless urgent).
+        Returns the answer written for `pod-agent restart`."""
+        if name == "comfyui":
+            if self._comfy_restart is None:
+                return {"ok": False, "error": "ComfyUI is not managed by this agent"}
+            self._comfy_restart(why, urgent)
+            return {"ok": True, "detail": "restarting now" if urgent else
+                    "restart when ComfyUI's queue is empty"}
+        if name not in self.config.services:
+            return {"ok": False, "error": f"no such service: {name} (known: "
+                    f"{', '.join(['comfyui', *self.config.services])})"}
+        with self._lock:
+            svc = self.services.get(name)
+            if svc is None:
+                if name in self.waiting:
+                    return {"ok": False, "error": f"service {name} waits for "
+                            f"{', '.join(self.waiting[name])} to be installed"}
+                return {"ok": False, "error": f"service {name} does not run here: "
+                        f"{self.off.get(name, 'not started')}"}
+            svc.request_restart(why, urgent=True)
+        self._wake.set()
+        return {"ok": True, "detail": "restarting now"}
+
+    def _take_requests(self) -> None:
+        import json
+
+        folder = self.runtime_dir / REQUESTS_DIR
+        try:
+            names = sorted(p for p in os.listdir(folder)
+                           if p.startswith("restart-") and p.endswith(".json"))
+        except OSError:
+            return
+        from agent.markers import atomic_write, read_json
+
+        for fname in names[:20]:
+            path = folder / fname
+            req = read_json(path) or {}
+            try:
+                path.unlink()
+            except OSError:
+                continue
+            name = req.get("name")
+            if not isinstance(name, str):
+                answer = {"ok": False, "error": "a restart request without a service name"}
+            else:
+                answer = self.request_restart(name, f"`pod-agent restart {name}`",
+                                              urgent=bool(req.get("now")))
+            answer["pid"] = os.getpid()
+            try:
+                atomic_write(folder / (fname[:-5] + ".answer"), json.dumps(answer))
+            except OSError:
+                pass
+
+    # ------------------------------------------------------------------ views
+    def snapshot(self) -> dict[str, dict]:
+        """name -> what status and the endpoint show (no env, no command: nothing secret)."""
+        out: dict[str, dict] = {}
+        with self._lock:
+            for name, spec in self.config.services.items():
+                svc = self.services.get(name)
+                entry = dict.fromkeys(SNAPSHOT_KEYS)
+                entry.update(port=spec.port, log=str(spec.log), ready=False, reason=None,
+                             waiting_for=None, required_for_ready=spec.required_for_ready)
+                if svc is not None:
+                    snap = svc.snapshot()
+                    entry.update({k: snap.get(k) for k in SNAPSHOT_KEYS})
+                elif name in self.waiting:
+                    entry.update(state="waiting", waiting_for=list(self.waiting[name]))
+                elif name in self.off:
+                    entry.update(state="off", reason=self.off[name])
+                else:
+                    entry.update(state="stopped", reason="not started yet")
+                out[name] = entry
+        return out
+
+    def not_ready(self) -> str | None:
+        """Why a service marked required_for_ready is not serving (None: all are)."""
+        for name, entry in self.snapshot().items():
+            if entry.get("required_for_ready") and not (entry.get("state") == "running"
+                                                        and entry.get("ready")):
+                return f"service {name} is {entry.get('state')}" + (
+                    f": {entry['reason']}" if entry.get("reason") else "")
+        return None
+
+    def child_pids(self) -> set[int]:
+        with self._lock:
+            return set().union(*(s.child_pids() for s in self.services.values())) \
+                if self.services else set()
+
+    def write_state(self, force: bool = False) -> None:
+        import json
+        import time
+
+        from agent.markers import atomic_write
+
+        snap = self.snapshot()
+        comparable = {n: {k: v for k, v in e.items() if k not in ("uptime", "next_start_in")}
+                      for n, e in snap.items()}
+        now = time.monotonic()
+        if not force and comparable == self._last_written \
+                and now - self._last_write < STATE_REFRESH:
+            return
+        self._last_written, self._last_write = comparable, now
+        data = {"pid": os.getpid(), "time": time.time(), "services": snap}
+        try:
+            atomic_write(self.runtime_dir / STATE_FILE, json.dumps(data, indent=1))
+            self._write_failed = False
+        except OSError as exc:
+            if not self._write_failed:
+                logger.warning(f"cannot write {self.runtime_dir / STATE_FILE}: {exc}")
+            self._write_failed = True
+
+    # ------------------------------------------------------------------ stop
+    def shutdown(self) -> None:
+        """Stop every service (in parallel: each has its own stop timeout) and the loop."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(10)
+        with self._lock:
+            services = list(self.services.values())
+        stoppers = [threading.Thread(target=s.shutdown, name=f"stop-{s.spec.name}")
+                    for s in services]
+        for t in stoppers:
+            t.start()
+        for t in stoppers:
+            t.join()
+        if self._hook_thread is not None:
+            self._hook_thread.join(15)
+        self.write_state(force=True)

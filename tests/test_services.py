@@ -190,3 +190,172 @@ def test_a_hook_that_hangs_is_ended_at_its_timeout_or_at_shutdown(tmp_path):
     stop = threading.Event()
     threading.Timer(0.5, stop.set).start()
     assert run_hook("pre_start", Hooks(pre_start=pre, log=log, timeout=60), stop) is None
+
+
+# --------------------------------------------------------------------------- the manager
+import json  # noqa: E402
+import socket  # noqa: E402
+import time  # noqa: E402
+import urllib.request  # noqa: E402
+
+import psutil  # noqa: E402
+
+from agent.services import Manager  # noqa: E402
+from tests.helpers import wait_for  # noqa: E402
+
+FAST = {"backoff_initial": 0.2, "backoff_max": 1.0, "ready_poll_interval": 0.1,
+        "liveness_interval": 0.5, "degraded_after": 50}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http_server(port: int, **fields) -> dict:
+    return {"command": [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1"],
+            "port": port, "ready": "/", "restart": "always", "stop_timeout": 5, **fields}
+
+
+def py(code: str, **fields) -> dict:
+    return {"command": [sys.executable, "-c", code], **fields}
+
+
+def services_config(tmp_path: Path, services: dict, **top):
+    """A config with one cheap component `core` and these services (no built-ins)."""
+    ws = tmp_path / "ws"
+    ws.mkdir(exist_ok=True)
+    path = write_yaml(tmp_path / "config.yaml", {
+        "components": {"core": {"kind": "command", "run": "true", "check": "true"}},
+        "agent": dict(FAST), "services": services, **top})
+    return load(path, ws)
+
+
+@pytest.fixture
+def managers():
+    made: list[Manager] = []
+
+    def make(cfg, **kw) -> Manager:
+        m = Manager(cfg, tick=0.05, **kw)
+        made.append(m)
+        return m
+
+    yield make
+    for m in made:
+        m.shutdown()
+
+
+def state(m: Manager, name: str) -> dict:
+    return m.snapshot()[name]
+
+
+def saved_services(cfg) -> dict:
+    try:
+        return json.loads((cfg.runtime_dir / "services.json").read_text())["services"]
+    except (OSError, ValueError, KeyError):
+        return {}
+
+
+def gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+@pytest.mark.slow  # real processes, stop ladders
+def test_a_service_starts_answers_and_stops_with_the_agent(tmp_path, managers):
+    port = free_port()
+    cfg = services_config(tmp_path, {"web": http_server(port)})
+    m = managers(cfg)
+    m.start()
+    wait_for(lambda: state(m, "web")["ready"], timeout=30, what="the web service to answer")
+    entry = state(m, "web")
+    assert entry["state"] == "running" and entry["port"] == port and entry["restarts"] == 0
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as resp:
+        assert resp.status == 200
+    saved = wait_for(lambda: saved_services(cfg).get("web"), timeout=10, what="services.json")
+    assert saved["pid"] == entry["pid"] and saved["state"] == "running"
+    m.shutdown()
+    assert gone(entry["pid"]) and state(m, "web")["state"] == "stopped"
+
+
+@pytest.mark.slow  # real processes, stop ladders
+def test_restart_policies_and_backoff(tmp_path, managers):
+    cfg = services_config(tmp_path, {
+        "crash": py("import sys; print('boom', flush=True); sys.exit(3)", restart="on-failure"),
+        "once": py("print('done')", restart="on-failure"),
+        "never": py("import sys; sys.exit(4)", restart="never"),
+    })
+    m = managers(cfg)
+    m.start()
+    wait_for(lambda: state(m, "crash")["restarts"] >= 2, timeout=30, what="crash restarts")
+    crash = state(m, "crash")
+    assert crash["last_exit"]["code"] == 3, crash
+    assert "boom" in Path(crash["log"]).read_text()
+    wait_for(lambda: state(m, "once")["last_exit"] and state(m, "never")["last_exit"],
+             timeout=30, what="the one-shot services to exit")
+    time.sleep(1.0)  # several backoff periods: neither may start again
+    for name, code in (("once", 0), ("never", 4)):
+        entry = state(m, name)
+        assert entry["state"] == "stopped" and entry["restarts"] == 0, (name, entry)
+        assert entry["last_exit"]["code"] == code
+
+
+@pytest.mark.slow  # real processes, stop ladders
+def test_a_service_ignoring_sigterm_is_killed_after_its_stop_timeout(tmp_path, managers):
+    code = ("import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+            "print('up', flush=True); time.sleep(600)")
+    cfg = services_config(tmp_path, {"stubborn": py(code, stop_timeout=1)})
+    m = managers(cfg)
+    m.start()
+    pid = wait_for(lambda: state(m, "stubborn")["pid"], timeout=30, what="it to start")
+    wait_for(lambda: "up" in Path(state(m, "stubborn")["log"]).read_text(), timeout=30,
+             what="SIGTERM to be ignored")
+    began = time.monotonic()
+    m.shutdown()
+    took = time.monotonic() - began
+    assert gone(pid) and 0.9 <= took < 10, took
+
+
+def test_a_service_with_depends_on_waits_for_its_component(tmp_path, managers):
+    port = free_port()
+    cfg = services_config(tmp_path, {"web": http_server(port, depends_on=["core"]),
+                                     "now": py("import time; time.sleep(600)")})
+    installed: set[str] = set()
+    m = managers(cfg, installed=lambda name: name in installed)
+    m.start()
+    wait_for(lambda: state(m, "now")["state"] == "running", timeout=30, what="`now` to run")
+    web = state(m, "web")
+    assert web["state"] == "waiting" and web["waiting_for"] == ["core"] and web["pid"] is None
+    installed.add("core")
+    m.components_changed()
+    wait_for(lambda: state(m, "web")["ready"], timeout=30, what="web after core installed")
+
+
+@pytest.mark.slow  # real processes, stop ladders
+def test_restart_by_request_file_and_readiness_of_required_services(tmp_path, managers):
+    port = free_port()
+    cfg = services_config(tmp_path, {"web": http_server(port, required_for_ready=True)})
+    restarts: list = []
+    m = managers(cfg, comfy_restart=lambda why, urgent: restarts.append((why, urgent)))
+    assert m.not_ready() == "service web is stopped: not started yet"
+    m.start()
+    wait_for(lambda: m.not_ready() is None, timeout=30, what="web ready")
+    pid = state(m, "web")["pid"]
+    requests = cfg.runtime_dir / "requests"
+    requests.mkdir(parents=True)
+    for rid, body in (("1", {"name": "web"}), ("2", {"name": "comfyui"}),
+                      ("3", {"name": "nope"})):
+        (requests / f"restart-{rid}.json").write_text(json.dumps(body))
+    answers = wait_for(lambda: [json.loads((requests / f"restart-{r}.answer").read_text())
+                                for r in "123" if (requests / f"restart-{r}.answer").exists()]
+                       if all((requests / f"restart-{r}.answer").exists() for r in "123")
+                       else None, timeout=30, what="answers")
+    assert answers[0]["ok"] and answers[1]["ok"] and not answers[2]["ok"], answers
+    assert "no such service: nope" in answers[2]["error"]
+    assert restarts == [("`pod-agent restart comfyui`", False)]
+    wait_for(lambda: state(m, "web")["pid"] not in (None, pid) and state(m, "web")["ready"],
+             timeout=30, what="web restarted")
+    assert gone(pid) and state(m, "web")["restarts"] == 1
