@@ -173,9 +173,10 @@ def test_overlay_errors_name_the_overlay_file(ws, overlay, problem):
 
 
 # ----------------------------------------------------------------------------- default config
-DEFAULT_COMPONENTS = ["comfyui_core", "dependencies_main", "dependencies_additional",
-                      "manager_prerequisites", "comfyui_manager", "custom_nodes",
-                      "ffmpeg_source", "gguf_node", "sageattention", "overall_installation"]
+DEFAULT_COMPONENTS = ["comfyui_core", "model_folders", "dependencies_main",
+                      "dependencies_additional", "manager_prerequisites", "comfyui_manager",
+                      "custom_nodes", "ffmpeg_source", "gguf_node", "sageattention",
+                      "overall_installation"]
 
 
 def test_default_config_is_found_and_names_the_ten_components(tmp_path):
@@ -189,7 +190,7 @@ def test_default_config_is_found_and_names_the_ten_components(tmp_path):
     assert data["components"]["sageattention"]["state"] == "skipped"
     assert data["components"]["sageattention"]["log"] == str(workspace /
                                                               "sageattention_install.log")
-    for name in DEFAULT_COMPONENTS[:8]:
+    for name in DEFAULT_COMPONENTS[:9]:
         assert data["components"][name]["state"] == "missing", name
     assert data["components"]["comfyui_core"]["log"] == str(
         workspace / "logs" / "install" / "comfyui_core.log")
