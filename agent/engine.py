@@ -488,6 +488,8 @@ class Service:
             self._live_failures = 0
             self._check_pipe()
             return
+        if self._check_exec(now):  # it went quiet because it just re-executed itself
+            return
         self._live_failures += 1
         limit = self._a("liveness_failures")
         logger.warning("{} liveness check failed ({}/{})", self.title, self._live_failures, limit)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import sys
 import threading
@@ -766,3 +767,66 @@ def test_a_pending_restart_does_not_bypass_the_backoff(pod):
     for _ in range(8):  # 4 s: inside the first 5 s backoff
         sup.tick(clock.advance(0.5))
     assert sup.snapshot()["failures"] == 1
+
+
+# ---------------------------------------------------------------------- ComfyUI-Manager's restart
+def manager_reboot(pod: Pod) -> None:
+    import urllib.request
+
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(f"http://127.0.0.1:{pod.port}/manager/reboot", timeout=5) as resp:
+        assert resp.status == 200
+
+
+def test_manager_restart_with_the_session_file_is_a_requested_restart(pod):
+    # a crash would wait 60 s in BACKOFF: the restart must come at once, not as a failure
+    sup = pod.supervisor(backoff_initial=60, backoff_max=60)
+    seen: list[str] = []
+    sup.start()
+    wait_for(lambda: running(sup), 10, tick=sup)
+    pid = sup.snapshot()["pid"]
+    manager_reboot(pod)
+    wait_for(lambda: seen.append(state(sup)) or (running(sup) and sup.snapshot()["pid"] != pid),
+             15, tick=sup, message="(started again at once)")
+    snap = sup.snapshot()
+    assert snap["failures"] == 0 and snap["restarts"] == 1 and snap["last_failure"] is None
+    assert snap["last_exit"]["code"] == 0 and "backoff" not in seen and "degraded" not in seen
+    assert not sup.reboot_file.exists()  # the request was answered
+    assert gone(pid) and len(pod.records()) == 2
+    assert "Restarting..." in pod.log.read_text()
+
+
+def test_a_plain_exit_0_without_the_session_file_is_still_a_crash(pod):
+    sup = pod.supervisor(backoff_initial=60, backoff_max=60)
+    pod.state_dir.mkdir()
+    sup.reboot_file.write_text("")  # left from before this start: not this process's request
+    sup.start()
+    wait_for(lambda: running(sup), 10, tick=sup)
+    os.kill(sup.snapshot()["pid"], signal.SIGTERM)  # the fake exits 0 on SIGTERM
+    wait_for(lambda: state(sup) == "backoff", 10, tick=sup)
+    assert sup.snapshot()["failures"] == 1 and sup.snapshot()["last_exit"]["code"] == 0
+
+
+@pytest.mark.slow  # 1.5 s without answers, twice a start: ~5 s
+def test_manager_restart_in_place_is_followed_not_a_crash_or_a_hang(pod):
+    # without __COMFY_CLI_SESSION__ (a ComfyUI started by someone else) the Manager execs itself:
+    # same pid, same create_time; the answers stop for a moment, then come back
+    sup = pod.supervisor(pod.settings(env={"FAKE_COMFY_REBOOT": "exec",
+                                           "FAKE_COMFY_START_DELAY": "1.5"}),
+                         backoff_initial=60, backoff_max=60)
+    pod.run(sup)
+    sup.start()
+    wait_for(lambda: running(sup), 15)
+    pid = sup.snapshot()["pid"]
+    create_time = psutil.Process(pid).create_time()
+    manager_reboot(pod)
+    # 1.5 s without answers is 7 liveness intervals of 0.2 s: as a hang it would be restarted
+    wait_for(lambda: len(pod.records()) == 2 and running(sup), 20, message="(back after exec)")
+    snap = sup.snapshot()
+    assert snap["pid"] == pid and psutil.Process(pid).create_time() == create_time
+    assert snap["failures"] == 0 and snap["restarts"] == 1 and snap["last_failure"] is None
+    assert [r["pid"] for r in pod.records()] == [pid, pid]
+    assert json.loads((pod.state_dir / "comfyui.json").read_text())["pid"] == pid
+    pod.halt_runners()
+    sup.stop()
+    assert gone(pid) and not pod.procs()

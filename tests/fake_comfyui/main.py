@@ -2,7 +2,12 @@
 
 Started like ComfyUI: `python main.py --listen 0.0.0.0 --port 8188 [other args ignored]`.
 
-Routes: GET /system_stats, GET /queue, GET /prompt, POST /prompt, POST /interrupt.
+Routes: GET /system_stats, GET /queue, GET /prompt, POST /prompt, POST /interrupt, and
+ComfyUI-Manager's restart: GET (or POST) /manager/reboot or /api/manager/reboot answers 200, then
+restarts as the Manager does (glob/manager_server.py `restart`): with __COMFY_CLI_SESSION__ set,
+it writes `<$__COMFY_CLI_SESSION__>.reboot` and exits with status 0; without it (or with
+FAKE_COMFY_REBOOT=exec) it re-executes itself in place: os.execv(sys.executable,
+[sys.executable] + sys.argv), same pid.
 
 Control (files in $FAKE_COMFY_CONTROL, default <cwd>/.fake_control, re-read on each request):
   busy   present -> one running item; the integer inside (default 0) is the number pending
@@ -25,6 +30,8 @@ Environment:
                                 with FAKE_COMFY_PIP_ONCE=1 only while <control>/pip_done is absent
                                 (written after the first run)
   FAKE_COMFY_PIP_WAIT=name      before that pip run, wait (at most 60 s) for <control>/<name>
+  FAKE_COMFY_REBOOT=exec        the Manager's restart re-executes in place even when
+                                __COMFY_CLI_SESSION__ is set (a ComfyUI started by someone else)
 """
 
 from __future__ import annotations
@@ -88,6 +95,23 @@ def ram() -> tuple[int, int]:
         return 0, 0
 
 
+REBOOT_PATHS = ("/manager/reboot", "/api/manager/reboot")
+
+
+def reboot() -> None:
+    """What ComfyUI-Manager's /manager/reboot does, after the answer went out."""
+    time.sleep(0.2)
+    session = os.environ.get("__COMFY_CLI_SESSION__")
+    if session and os.environ.get("FAKE_COMFY_REBOOT") != "exec":
+        with open(session + ".reboot", "w"):
+            pass
+        say("Restarting...")
+        os._exit(0)
+    say("Restarting... [Legacy Mode]")
+    sys.stdout.flush()
+    os.execv(sys.executable, [sys.executable] + sys.argv)
+
+
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
 
@@ -127,6 +151,9 @@ class Handler(BaseHTTPRequestHandler):
         elif path == "/prompt":
             running, pending = busy_state()
             self._json(200, {"exec_info": {"queue_remaining": len(running) + len(pending)}})
+        elif path in REBOOT_PATHS:
+            self._json(200, {})
+            threading.Thread(target=reboot, name="reboot", daemon=True).start()
         else:
             self._json(404, {"error": "not found"})
 
@@ -139,6 +166,9 @@ class Handler(BaseHTTPRequestHandler):
             self._json(200, {"prompt_id": str(uuid.uuid4()), "number": 0, "node_errors": {}})
         elif path == "/interrupt":
             self._json(200, {})
+        elif path in REBOOT_PATHS:
+            self._json(200, {})
+            threading.Thread(target=reboot, name="reboot", daemon=True).start()
         else:
             self._json(404, {"error": "not found"})
 
