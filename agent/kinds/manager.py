@@ -28,6 +28,7 @@ FIELDS = {
     "update": ("bool", False),
     "requirements": ("enum:auto|none", "auto"),
     "legacy_ui": ("bool", False),  # v4: also pass --enable-manager-legacy-ui
+    "registry": ("str", "https://api.comfy.org"),  # the Comfy Registry: snapshot restores
 }
 
 
