@@ -169,14 +169,25 @@ def check_space(needs: Mapping[Path, int]) -> None:
 
 
 # --------------------------------------------------------------------------- resolving
-def resolve(item: Item, timeout: float = 30.0) -> Resolved:
-    """The URL to GET, its headers (with the token), and what the source says of the file."""
+def resolve(item: Item, timeout: float = 30.0, client: Any = None) -> Resolved:
+    """The URL to GET, its headers (with the token), and what the source says of the file.
+    A plain URL's size comes from a HEAD request when the config gives none (best effort:
+    signed URLs often refuse HEAD; the GET then says what is wrong)."""
     token = item.token()
     if not item.repo:
         headers = {"User-Agent": "comfy-pod-agent", "Accept-Encoding": "identity"}
         if token:
             headers["Authorization"] = f"Bearer {token}"
-        return Resolved(item.url or "", headers, item.size, item.sha256)
+        size = item.size
+        if size is None and client is not None:
+            try:
+                resp = client.head(item.url or "", headers=headers, timeout=timeout)
+                length = resp.headers.get("content-length", "")
+                if resp.status_code == 200 and length.isdigit():
+                    size = int(length)
+            except Exception:  # noqa: BLE001 - best effort
+                pass
+        return Resolved(item.url or "", headers, size, item.sha256)
     from huggingface_hub import get_hf_file_metadata, hf_hub_url
     from huggingface_hub.utils import build_hf_headers
     from huggingface_hub.errors import HfHubHTTPError

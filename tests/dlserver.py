@@ -48,6 +48,12 @@ class Server:
     cuts: list[int] = field(default_factory=list)  # next GETs: close after this many bytes
     log: list[dict] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    barrier: int = 0  # hold body GETs until this many are in flight (once; 10 s at most)
+    active: int = 0
+    max_active: int = 0
+
+    def __post_init__(self) -> None:
+        self.cond = threading.Condition(self.lock)
 
     def add(self, key: str, data: bytes | Path, **kw) -> Entry:
         self.files[key] = Entry(data, **kw)
@@ -138,6 +144,21 @@ class Server:
                 self.end_headers()
                 if head:
                     return self._record(status, 0)
+                with server.cond:
+                    server.active += 1
+                    server.max_active = max(server.max_active, server.active)
+                    server.cond.notify_all()
+                    if server.barrier:
+                        server.cond.wait_for(lambda: server.active >= server.barrier, 10)
+                        server.barrier = 0
+                try:
+                    self._send(entry, start, size)
+                finally:
+                    with server.cond:
+                        server.active -= 1
+
+            def _send(self, entry: Entry, start: int, size: int) -> None:
+                status = 206 if start else 200
                 limit = size - start
                 with server.lock:
                     if server.cuts:
@@ -163,7 +184,11 @@ class Server:
                 except (BrokenPipeError, ConnectionResetError):
                     return 0
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        class Quiet(ThreadingHTTPServer):
+            def handle_error(self, request, client_address) -> None:  # a client hung up
+                pass
+
+        self.httpd = Quiet(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
         self.port = self.httpd.server_address[1]
         self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={

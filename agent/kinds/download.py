@@ -392,7 +392,7 @@ def _download_all(comp: Component, todo: list[Item], client: Any,
     resolved: dict[Path, Any] = {}
 
     def do_resolve(it: Item) -> None:
-        resolved[it.dest] = dl.resolve(it)
+        resolved[it.dest] = dl.resolve(it, client=client)
 
     run_pool(todo, do_resolve)
     if not errors:  # the space for every file, on each filesystem, before the first byte
