@@ -174,6 +174,9 @@ def render_status(data: dict[str, Any]) -> str:
                 lines.append(f"          degraded: {cui['degraded_reason']}")
     elif cui is None and data.get("agent") is None:
         lines += ["", "AGENT     not running (start it with `pod-agent run`)"]
+    if data.get("services"):
+        from agent.services import render_lines  # JupyterLab, sshd, ... (agent/services.py)
+        lines += render_lines(data["services"])
     hs = data.get("health")
     if hs:
         bad = [f"{n} {st}" for n, st in hs["checks"].items() if st in ("fail", "warn")]

@@ -22,6 +22,7 @@ from loguru import logger
 from agent import drift as envdrift
 from agent import log as agent_log
 from agent import procs
+from agent import services
 from agent.checks import sage
 from agent.config import load
 from agent.endpoints import AgentApi
@@ -122,6 +123,7 @@ class Daemon:
             reconciles=lambda: [r.last for r in (self.fg, self.bg) if r.last]))
         self.api = AgentApi(self)
         self.health.listeners += [self.api.metrics.on_check, self._on_health]
+        self.services = services.for_daemon(self)  # JupyterLab, sshd, ... (agent/services.py)
         self._schedule_health()
 
     def _schedule_health(self) -> None:
@@ -204,6 +206,7 @@ class Daemon:
         self.api.metrics.on_reconcile(rec.phase, rec.last)
         self._write_agent_state()
         self.api.status_changed()  # /status: observe again (in the background)
+        self.services.components_changed()  # those waiting for their components may start
         if not self._comfy_started:
             if self._required_ok():
                 self._start_comfyui("required components installed")
@@ -227,6 +230,7 @@ class Daemon:
         self.api.metrics.on_reconcile(rec.phase, rec.last)
         self._write_agent_state()
         self.api.status_changed()
+        self.services.components_changed()
         changed = self._restart_worthy(report)
         if changed:
             self._snapshot_nodes()
@@ -539,6 +543,7 @@ class Daemon:
         """As PID 1: reap re-parented orphans, never a child whose Popen wants its status."""
         sup = self.supervisor
         known = procs.known_pids() | ({sup._proc.pid} if getattr(sup, "_proc", None) else set())
+        known |= self.services.child_pids()
         for _ in range(64):
             try:
                 info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
@@ -565,6 +570,7 @@ class Daemon:
         self.supervisor.agent = dict(new.agent)
         self.health.config = new
         self._schedule_health()
+        self.services.reload(new)
         agent_log.add_secret(new.http.get("token"))
         logger.info("SIGHUP: config reloaded")
         if new.http != old.http:
@@ -634,6 +640,7 @@ class Daemon:
         from agent import history
         history.set_actor("agent")  # what this process installs is the agent's (history.jsonl)
         self._signals()
+        services.run_hook("pre_start", cfg.hooks, self.stop_event)  # before anything else
         self._build()
         logger.info(f"pod-agent {__import__('agent').__version__} starting: workspace "
                     f"{cfg.workspace}, pid {os.getpid()}")
@@ -648,7 +655,8 @@ class Daemon:
             self.bg.start()
             self.scheduler.start()
             sup_thread.start()
-            self.boot()
+            self.services.start()  # before any verification: those without depends_on, and
+            self.boot()            # on a resumed volume (markers there) all of them
             self._write_agent_state()
             while not self.stop_event.wait(HOUSEKEEPING_INTERVAL):
                 try:
@@ -689,11 +697,14 @@ class Daemon:
         self.watcher.stop()
         killer = threading.Thread(target=procs.terminate_all, name="stop-installers")
         killer.start()
+        stop_services = threading.Thread(target=self.services.shutdown, name="stop-services")
+        stop_services.start()  # beside ComfyUI's stop: each has its own stop timeout
         for rec in (self.fg, self.bg):
             rec.stop(timeout=0.1)
         if sup_thread.is_alive():
             sup_thread.join(5)
         self.supervisor.shutdown()
+        stop_services.join()
         killer.join(10)
         for rec in (self.fg, self.bg):
             rec.stop(timeout=10)

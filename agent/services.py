@@ -385,6 +385,37 @@ class Manager:
                 logger.warning(f"cannot write {self.runtime_dir / STATE_FILE}: {exc}")
             self._write_failed = True
 
+    def reload(self, config) -> None:
+        """A new config (SIGHUP): changed services restart with it, new ones start, removed
+        or now disabled ones stop."""
+        with self._lock:
+            old, self.config = self.config, config
+            for name, svc in list(self.services.items()):
+                spec = config.services.get(name)
+                if spec is None or spec.auto_off(self.environ):
+                    svc.shutdown()
+                    del self.services[name]
+                    self.off[name] = "removed from the config" if spec is None \
+                        else spec.auto_off(self.environ)
+                elif spec != old.services.get(name):
+                    svc.spec = self._engine_spec(spec)
+                    svc.timing = self._timing(spec)
+                    svc.request_restart("config changed", urgent=True)
+            for name, spec in config.services.items():
+                if name in self.services:
+                    continue
+                self.off.pop(name, None)
+                self.waiting.pop(name, None)
+                why = spec.auto_off(self.environ)
+                if why:
+                    self.off[name] = why
+                else:
+                    self.waiting[name] = tuple(spec.depends_on)
+            for name in [n for n in self.off if n not in config.services]:
+                del self.off[name]
+            self._start_due("config reloaded")
+        self._wake.set()
+
     # ------------------------------------------------------------------ stop
     def shutdown(self) -> None:
         """Stop every service (in parallel: each has its own stop timeout) and the loop."""
@@ -403,3 +434,96 @@ class Manager:
         if self._hook_thread is not None:
             self._hook_thread.join(15)
         self.write_state(force=True)
+
+
+def for_daemon(daemon) -> Manager:
+    """The manager wired to the running agent (agent/daemon.py): a component counts as
+    installed once its marker exists and the latest pass did not fail it (no probe: on a
+    resumed volume the services start before any verification)."""
+    from agent.markers import path_for
+
+    def installed(name: str) -> bool:
+        return path_for(daemon.config.markers_dir, name).is_file() and name not in daemon.failed
+
+    def comfy_ready() -> bool:
+        snap = daemon.supervisor.snapshot()
+        return snap.get("state") == "running" and bool(snap.get("ready"))
+
+    return Manager(daemon.config, installed=installed, comfy_ready=comfy_ready,
+                   comfy_restart=lambda why, urgent: daemon.supervisor.request_restart(
+                       why, urgent=urgent) if daemon.start_comfyui else None)
+
+
+# --------------------------------------------------------------------------- readers
+def status_view(config, agent: dict | None) -> dict[str, dict] | None:
+    """`status`'s `services`: what the running agent last wrote (services.json, when its pid
+    is the running agent's); None without an agent. A reader never trusts the file's types."""
+    from agent.markers import read_json
+
+    if agent is None or not config.services:
+        return None
+    data = read_json(config.runtime_dir / STATE_FILE) or {}
+    saved = data.get("services") if data.get("pid") == agent.get("pid") else None
+    saved = saved if isinstance(saved, dict) else {}
+    out: dict[str, dict] = {}
+    for name, spec in config.services.items():
+        entry = saved.get(name)
+        entry = entry if isinstance(entry, dict) else {"state": "unknown"}
+        view = {"state": _text(entry.get("state")) or "unknown"}
+        for key in ("pid", "uptime", "restarts", "failures", "port", "next_start_in"):
+            value = entry.get(key)
+            view[key] = value if isinstance(value, (int, float)) \
+                and not isinstance(value, bool) else None
+        view["ready"] = entry.get("ready") is True
+        for key in ("reason", "last_failure", "degraded_reason"):
+            view[key] = _text(entry.get(key))
+        last = entry.get("last_exit")
+        view["last_exit"] = {k: v for k, v in last.items() if k in ("code", "signal", "time", "pid")
+                             and isinstance(v, (int, float)) and not isinstance(v, bool)} \
+            if isinstance(last, dict) else None
+        waiting = entry.get("waiting_for")
+        view["waiting_for"] = [str(w) for w in waiting][:20] if isinstance(waiting, list) \
+            else None
+        view["log"] = str(spec.log)
+        view["required_for_ready"] = spec.required_for_ready
+        out[name] = view
+    return out
+
+
+def _text(value, limit: int = 300) -> str | None:
+    from agent.redact import redact
+
+    if value is None:
+        return None
+    text = redact(" ".join(str(value).split()))
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def render_lines(services: dict[str, dict] | None) -> list[str]:
+    """`pod-agent status`'s SERVICES lines."""
+    if not services:
+        return []
+    lines = ["", "SERVICES"]
+    for name, s in services.items():
+        state = str(s.get("state") or "?")
+        text = f"  {name:<10} {state.upper():<9}"
+        if s.get("pid"):
+            text += f" pid {s['pid']}"
+        if s.get("port"):
+            text += f"  port {s['port']}" + ("" if s.get("ready") or state != "running"
+                                            else " (not answering yet)")
+        if s.get("restarts"):
+            text += f"  restarts {s['restarts']}"
+        last = s.get("last_exit") or {}
+        if last.get("signal") is not None:
+            text += f"  last exit: signal {last['signal']}"
+        elif last.get("code") is not None:
+            text += f"  last exit: code {last['code']}"
+        if s.get("waiting_for"):
+            text += f"  waiting for {', '.join(s['waiting_for'])}"
+        why = s.get("reason") or s.get("degraded_reason") or (
+            s.get("last_failure") if state in ("backoff", "degraded", "stopped") else None)
+        if why:
+            text += f"  ({why})"
+        lines.append(text)
+    return lines

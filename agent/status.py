@@ -200,7 +200,16 @@ def collect(config: Config, gpu: bool | None = None) -> dict[str, Any]:
         "logs": logs(config),
         "agent": agent,
         "comfyui": comfyui,
+        "services": _services_view(config, agent),  # JupyterLab, sshd, ... (agent/services.py)
         "health": health_summary(config),
         "manager": manager.describe(config),  # ComfyUI-Manager v3 or v4 (agent/manager.py)
         "verdict": verdict(config, comps, comfyui),
     }
+
+
+def _services_view(config: Config, agent: dict | None) -> dict | None:
+    if agent is None or not config.services:
+        return None
+    from agent.services import status_view
+
+    return status_view(config, agent)

@@ -359,3 +359,125 @@ def test_restart_by_request_file_and_readiness_of_required_services(tmp_path, ma
     wait_for(lambda: state(m, "web")["pid"] not in (None, pid) and state(m, "web")["ready"],
              timeout=30, what="web restarted")
     assert gone(pid) and state(m, "web")["restarts"] == 1
+
+
+# --------------------------------------------------------------------------- with `pod-agent run`
+from tests.test_daemon import aws, install_all, running  # noqa: E402,F401 - the agent fixture
+
+SECRET = "jupyter-Secret-1234"
+
+FAKE_JUPYTER = '''
+import http.server, os, sys
+port, tok = int(sys.argv[1]), os.environ.get("JUPYTER_TOKEN", "")
+print(f"fake jupyter: token is {tok}", flush=True)
+print(f"http://127.0.0.1:{port}/lab?token={tok}", flush=True)
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        ok = self.path == "/api" or self.headers.get("Authorization") == f"token {tok}"
+        self.send_response(200 if ok else 403)
+        self.end_headers()
+    def log_message(self, *a):
+        pass
+http.server.ThreadingHTTPServer(("127.0.0.1", port), H).serve_forever()
+'''
+
+
+def _with_services(aws, tmp_path, fresh: bool = False) -> dict:
+    """Services and hooks on the agent fixture's config: `web` (no depends_on, required for
+    ready) and `jup` (a fake JupyterLab that prints its token, depends on comfyui_core)."""
+    ports = {"web": free_port(), "jup": free_port()}
+    script = tmp_path / "fake_jupyter.py"
+    script.write_text(FAKE_JUPYTER)
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "pre.sh").write_text(f"echo pre ran; date +%s.%N > {hooks}/pre.done\n")
+    (hooks / "post.sh").write_text(f"echo post ran; date +%s.%N > {hooks}/post.done\n")
+    aws.config["services"] = {
+        "web": http_server(ports["web"], required_for_ready=True),
+        "jup": {"command": [sys.executable, str(script), str(ports["jup"])],
+                "env": {"JUPYTER_TOKEN": "${JUPYTER_PASSWORD}"}, "port": ports["jup"],
+                "ready": "/api", "restart": "always", "depends_on": ["comfyui_core"],
+                "auto_env": ["JUPYTER_PASSWORD"], "enabled": "auto"},
+    }
+    aws.config["hooks"] = {"pre_start": str(hooks / "pre.sh"), "post_start": str(hooks / "post.sh"),
+                           "log": str(aws.root / "logs" / "hooks.log")}
+    aws.save()
+    return {"ports": ports, "hooks": hooks}
+
+
+def services_of(ws) -> dict:
+    from tests.helpers import runtime_json
+
+    return (runtime_json(ws.root, "services.json") or {}).get("services") or {}
+
+
+def serving(ws, name: str) -> bool:
+    s = services_of(ws).get(name) or {}
+    return s.get("state") == "running" and bool(s.get("ready"))
+
+
+@pytest.mark.slow  # starts the agent
+def test_resumed_volume_services_start_first_token_never_shown(aws, tmp_path):
+    setup = _with_services(aws, tmp_path)
+    install_all(aws)
+    began = time.monotonic()
+    agent = aws.start_agent(env={"JUPYTER_PASSWORD": SECRET})
+    wait_for(lambda: serving(aws, "jup") and serving(aws, "web"), 60, what="services ready")
+    jup_s = time.monotonic() - began
+    wait_for(lambda: running(aws), 60, what="ComfyUI running")
+    print(f"resumed volume: JupyterLab (fake) answered {jup_s:.2f}s after `pod-agent run`")
+    wait_for(lambda: (setup["hooks"] / "post.done").exists(), 60, what="post_start hook")
+    log = agent.log()
+    # pre_start before anything; services before the verification that starts ComfyUI
+    assert log.index("hook pre_start: running") < log.index("starting: workspace")
+    assert log.index("service jup stopped -> starting") < log.index("ComfyUI stopped -> ")
+    assert "pre ran" in (aws.root / "logs" / "hooks.log").read_text()
+    req = urllib.request.Request(f"http://127.0.0.1:{setup['ports']['jup']}/x",
+                                 headers={"Authorization": f"token {SECRET}"})
+    with urllib.request.urlopen(req, timeout=5) as resp:  # the token reached JupyterLab
+        assert resp.status == 200
+
+    status = run_cli("status", *aws.args())
+    assert "SERVICES" in status.stdout and "jup" in status.stdout, status.stdout
+    data = json.loads(run_cli("status", "--json", *aws.args()).stdout)
+    assert data["services"]["web"]["state"] == "running"
+    assert data["services"]["jup"]["ready"] is True
+
+    pid = services_of(aws)["web"]["pid"]
+    proc = run_cli("restart", "web", *aws.args())
+    assert proc.returncode == 0 and "restarting now" in proc.stdout, (proc.stdout, proc.stderr)
+    wait_for(lambda: services_of(aws)["web"].get("pid") not in (None, pid)
+             and serving(aws, "web"), 60, what="web restarted")
+    bad = run_cli("restart", "nope", *aws.args())
+    assert bad.returncode == 1 and "no such service" in bad.stderr and \
+        len(bad.stderr.strip().splitlines()) == 1
+    shown = run_cli("logs", "jup", *aws.args())
+    assert "token is ***" in shown.stdout, shown.stdout
+
+    # the token: nowhere in argv, logs, state files, status
+    group = [p for p in psutil.process_iter(["cmdline"])
+             if SECRET in " ".join(p.info["cmdline"] or [])]
+    assert not group, [p.info["cmdline"] for p in group]
+    texts = {"status": status.stdout + json.dumps(data), "agent output": agent.log()}
+    for path in [*aws.root.joinpath("logs").rglob("*"), *aws.root.joinpath(".pod-agent").rglob(
+            "*")]:
+        if path.is_file():
+            texts[str(path)] = path.read_text(errors="replace")
+    assert [k for k, v in texts.items() if SECRET in v] == []
+    pids = [services_of(aws)[n]["pid"] for n in ("web", "jup")]
+    assert agent.stop(timeout=60) == 0
+    assert all(gone(p) for p in pids)
+
+
+@pytest.mark.slow  # starts the agent
+def test_fresh_volume_services_without_depends_on_start_at_once(aws, tmp_path):
+    _with_services(aws, tmp_path)
+    agent = aws.start_agent(env={"JUPYTER_PASSWORD": SECRET})
+    wait_for(lambda: serving(aws, "jup"), 90, what="jup after its component")
+    log = agent.log()
+    web = log.index("service web stopped -> starting")
+    assert web < log.index("comfyui_core: installing (no marker)")
+    assert "service jup stopped -> starting: components installed: comfyui_core installed" \
+        in log, log
+    assert web < log.index("service jup stopped -> starting")
+    assert agent.stop(timeout=60) == 0
