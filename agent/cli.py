@@ -24,8 +24,13 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
                "The latest health report (exit 0 healthy, 1 degraded or stale, 2 failing)."),
     "run": ("agent.cli_core", "run",
             "The resident agent: watch, reconcile, supervise ComfyUI (entrypoint.sh)."),
+    "snapshot": ("agent.cli_snapshot", "snapshot",
+                 "ComfyUI-Manager snapshots: save the custom nodes, restore them (save|restore)."),
     "verify": ("agent.cli_models", "verify",
                "Check the model files of download components (size; sha256 with --hash)."),
+    "restart": ("agent.cli_services", "restart",
+                "Restart one service (comfyui, jupyter, sshd, yours) through the running agent."),
+    "logs": ("agent.cli_services", "logs", "Print a service's log; -f keeps following it."),
 }
 
 
