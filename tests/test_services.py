@@ -196,6 +196,7 @@ def test_a_hook_that_hangs_is_ended_at_its_timeout_or_at_shutdown(tmp_path):
 import json  # noqa: E402
 import socket  # noqa: E402
 import time  # noqa: E402
+import urllib.error  # noqa: E402
 import urllib.request  # noqa: E402
 
 import psutil  # noqa: E402
@@ -481,3 +482,59 @@ def test_fresh_volume_services_without_depends_on_start_at_once(aws, tmp_path):
         in log, log
     assert web < log.index("service jup stopped -> starting")
     assert agent.stop(timeout=60) == 0
+
+
+# --------------------------------------------------------------------------- real JupyterLab
+def _pgid(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except OSError:
+        return None
+
+
+def _jupyter_lab() -> str | None:
+    import shutil
+
+    return os.environ.get("POD_AGENT_TEST_JUPYTER") or shutil.which("jupyter-lab")
+
+
+@pytest.mark.slow  # a real JupyterLab
+@pytest.mark.skipif(_jupyter_lab() is None, reason="JupyterLab is not installed here (pip "
+                    "install jupyterlab, or POD_AGENT_TEST_JUPYTER=/path/to/jupyter-lab)")
+def test_real_jupyterlab_takes_the_password_as_its_token_never_on_argv(tmp_path, managers,
+                                                                      monkeypatch):
+    import dataclasses
+
+    exe = _jupyter_lab()
+    port = free_port()
+    monkeypatch.setenv("JUPYTER_PASSWORD", SECRET)
+    monkeypatch.setenv("PATH", f"{Path(exe).parent}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("JUPYTER_RUNTIME_DIR", str(tmp_path / "jupyter-runtime"))
+    cfg = _load(tmp_path)
+    spec = cfg.services["jupyter"]
+    command = tuple(f"--port={port}" if a == "--port=8888" else a for a in spec.command)
+    assert command != spec.command
+    cfg = dataclasses.replace(cfg, services={"jupyter": dataclasses.replace(
+        spec, command=command, port=port, ready_timeout=120)})
+    m = managers(cfg)
+    began = time.monotonic()
+    m.start()
+    wait_for(lambda: state(m, "jupyter")["ready"], timeout=120, what="JupyterLab to answer")
+    print(f"JupyterLab answered /api {time.monotonic() - began:.2f}s after its start")
+    base = f"http://127.0.0.1:{port}/api/contents"
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(base, timeout=10)
+    assert err.value.code == 403
+    req = urllib.request.Request(base, headers={"Authorization": f"token {SECRET}"})
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        assert resp.status == 200
+    pid = state(m, "jupyter")["pid"]
+    group = [p for p in psutil.process_iter(["cmdline"]) if p.info["cmdline"]
+             and _pgid(p.pid) == pid]
+    assert group and not [p for p in group if SECRET in " ".join(p.info["cmdline"])]
+    m.write_state(force=True)
+    for path in (Path(state(m, "jupyter")["log"]), cfg.runtime_dir / "services.json",
+                 cfg.runtime_dir / "services" / "jupyter.json"):
+        assert SECRET not in path.read_text(), path
+    m.shutdown()
+    assert gone(pid)
