@@ -561,6 +561,7 @@ def plan(config: Config, snap: dict[str, Any], prune: bool = False,
 class Result:
     done: list[str] = field(default_factory=list)
     failed: list[tuple[str, str]] = field(default_factory=list)
+    touched: list[Path] = field(default_factory=list)  # enabled node folders it changed
 
     @property
     def ok(self) -> bool:
@@ -746,17 +747,20 @@ def execute(config: Config, the_plan: Plan, registry: str | None = None,
         result.failed.append((name, why))  # told at the end, with the plan's failures
 
     for ch in the_plan.changes:
+        mark = len(result.touched)  # a change that fails touched nothing to remember
         try:
             if ch.action == "clone":
                 dest = root / (".disabled" if ch.disabled else "") / ch.name
                 gitops.ensure_checkout(comp, ctx, ch.url or "", dest, ch.commit, None, False,
                                        ch.name)
                 if not ch.disabled:
+                    result.touched.append(dest)
                     gitops.install_deps(comp, ctx, dest, ch.name)
             elif ch.action == "checkout":
                 assert ch.path is not None
                 _checkout(comp, ctx, ch.path, ch.url or "", ch.commit or "", ch.name)
                 if not ch.disabled:
+                    result.touched.append(ch.path)
                     gitops.install_deps(comp, ctx, ch.path, ch.name)
             elif ch.action == "disable":
                 assert ch.path is not None
@@ -767,8 +771,10 @@ def execute(config: Config, the_plan: Plan, registry: str | None = None,
                 if dest.exists():
                     raise InstallError(f"{ch.name}: cannot enable, {dest} exists")
                 ch.path.rename(dest)
+                result.touched.append(dest)
                 gitops.install_deps(comp, ctx, dest, ch.name)
             elif ch.action in ("cnr-install", "cnr-switch"):
+                result.touched.append(root / (ch.cnr_id or ""))
                 _cnr_install(comp, ctx, reg, ch.cnr_id or "", ch.version or "", ch.path)
             elif ch.action == "file-disable":
                 assert ch.path is not None
@@ -786,9 +792,11 @@ def execute(config: Config, the_plan: Plan, registry: str | None = None,
             last = _git_error(comp.log) if "git " in why else ""
             why += f": {last}" if last else ""
             failed(ch.name, why)
+            del result.touched[mark:]
             continue
         except (OSError, AgentError) as exc:
             failed(ch.name, explain(exc))
+            del result.touched[mark:]
             continue
         result.done.append(ch.text())
         say(ch.text())
@@ -845,6 +853,12 @@ def restore_cli(config: Config, snap: dict[str, Any], source: Path, prune: bool 
     with lock:
         the_plan, result = restore(config, snap, prune=prune, pips=pips, registry=registry,
                                    progress=progress)
+        try:  # the agent's user-node pass must not take these for changes made by others
+            from agent.usernodes import remember
+
+            remember(config, result.touched)
+        except OSError:
+            pass
     detail = f"{len(result.done)} change(s) from {source}"
     if result.failed:
         detail += "; failed: " + ", ".join(n for n, _ in result.failed[:5]) + (

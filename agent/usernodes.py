@@ -66,8 +66,8 @@ def converge(ctx: Ctx) -> tuple[dict[str, str], list[str]]:
     messages)."""
     config = ctx.config
     nodes = discover(config)
-    if not nodes:
-        return {}, []
+    if not nodes and not _state_path(config).exists():
+        return {}, []  # (with a state file, the nodes that went away are recorded below)
     comp = pseudo_component(config)
     changed: dict[str, str] = {}
     failures: list[str] = []
@@ -91,13 +91,45 @@ def converge(ctx: Ctx) -> tuple[dict[str, str], list[str]]:
                 failures.append(f"custom_nodes/{path.name}: {explain(exc)}")
         for name in list(state):
             if not (custom_nodes_dir(config) / name).is_dir():
-                del state[name]
+                gone = state.pop(name)
+                gone = gone if isinstance(gone, dict) else {}
+                _external(config, name, gone.get("commit"), None, "ok",
+                          "removed or disabled outside the agent")
         try:
             atomic_write(_state_path(config), json.dumps(state, indent=1))
         except OSError as exc:  # the nodes are installed; only the record of it is missing
             failures.append(f"user_nodes: {explain(exc)} (their requirements are checked "
                             "again next time)")
     return changed, failures
+
+
+def _external(config: Config, name: str, before: str | None, after: str | None, result: str,
+              detail: str) -> None:
+    """One history record for a node changed by someone else (ComfyUI-Manager, a hand-made
+    clone or pull): kind and actor `external`, from -> to commits. Never stops the install."""
+    from agent import history
+
+    warn = history.quietly(config, history.event(
+        "external", f"custom_nodes/{name}", frm=(before or "-")[:12], to=(after or "-")[:12],
+        result=result, actor="external", detail=detail,
+        commit_before=before, commit_after=after))
+    if warn:
+        from loguru import logger
+
+        logger.warning(f"custom_nodes/{name}: {warn}")
+
+
+def remember(config: Config, paths) -> None:
+    """Record the current commit and requirement digest of nodes the agent itself just changed
+    (a snapshot restore, an update), so converge does not take them for external changes. Call
+    it holding the user_nodes lock, or not at all."""
+    state = _load(config)
+    for path in paths:
+        path = Path(path)
+        if path.parent != custom_nodes_dir(config) or not path.is_dir():
+            continue
+        state[path.name] = {"commit": gitops.head(path), "deps": gitops.deps_digest(path)}
+    atomic_write(_state_path(config), json.dumps(state, indent=1))
 
 
 def _converge_one(ctx: Ctx, comp: Component, path: Path, state: dict) -> str | None:
@@ -115,8 +147,18 @@ def _converge_one(ctx: Ctx, comp: Component, path: Path, state: dict) -> str | N
     new = path.name not in state
     has_req = gitops.requirements_file(path).is_file()
     has_script = (path / "install.py").is_file()
-    gitops.install_deps(comp, ctx, path, path.name)
+    before = rec.get("commit")
+    commit_moved = new or before != commit
+    try:
+        gitops.install_deps(comp, ctx, path, path.name)
+    except InstallError as exc:
+        if commit_moved:
+            _external(ctx.config, path.name, before, commit, "failed", str(exc))
+        raise
     state[path.name] = {"commit": commit, "deps": digest}
+    if commit_moved:  # a `git pull` in the Manager's UI, a new clone: noticed, into history
+        _external(ctx.config, path.name, before, commit, "ok",
+                  "new node" if new else "moved outside the agent")
     done = [w for w, yes in (("requirements installed", has_req),
                              ("install.py run", has_script)) if yes]
     if done:

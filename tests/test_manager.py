@@ -137,3 +137,33 @@ def test_user_directory_and_default_config(tmp_path):
         {"comfyui": {"args": ["--user-directory", str(tmp_path / "u")]}}))
     conf = load(None, tmp_path)
     assert manager.snapshot_dir(conf) == tmp_path / "u" / "__manager" / "snapshots"
+
+
+def test_node_changes_made_in_the_manager_ui_go_into_history(ws):
+    """A node cloned, pulled or removed by someone else (the Manager's UI) is recorded as an
+    external change with its commits, when the agent's user-node pass notices it."""
+    from agent import history, usernodes
+    from agent.kinds.base import Ctx
+
+    conf = _conf(ws)
+    up = ws.upstreams / "ManagerNode"
+    make_repo(up, {"__init__.py": "", "requirements.txt": "podtest-nodec\n"})
+    first = git("rev-parse", "HEAD", cwd=up)
+    node = ws.comfyui / "custom_nodes" / "ManagerNode"
+    node.parent.mkdir(parents=True)
+    git("clone", "-q", up.as_uri(), str(node))
+    changed, failures = usernodes.converge(Ctx(conf))
+    assert changed == {"ManagerNode": "requirements installed"} and not failures
+    second = commit_files(up, {"__init__.py": "X = 2\n"})
+    git("pull", "-q", "--ff-only", cwd=node)  # "Update" in the Manager's UI
+    assert usernodes.converge(Ctx(conf))[0]
+    assert usernodes.converge(Ctx(conf)) == ({}, [])  # nothing new: nothing recorded
+    (node.parent / ".disabled").mkdir()
+    node.rename(node.parent / ".disabled" / "ManagerNode")  # "Disable" in the Manager's UI
+    usernodes.converge(Ctx(conf))
+    recs = [r for r in history.read(conf, "custom_nodes/ManagerNode")]
+    assert [(r["kind"], r["actor"], r["from"], r["to"], r["result"]) for r in recs] == [
+        ("external", "external", "-", first[:12], "ok"),
+        ("external", "external", first[:12], second[:12], "ok"),
+        ("external", "external", second[:12], "-", "ok")], recs
+    assert recs[1]["commit_before"] == first and recs[1]["commit_after"] == second
