@@ -408,6 +408,7 @@ def _download_all(comp: Component, todo: list[Item], client: Any,
             res = resolved[it.dest]
             have = it.part.stat().st_size if it.part.exists() else 0
             display.start(it.dest.name, res.size, have)
+            began = time.monotonic()
             try:
                 out = dl.fetch(it, client, res, on_bytes=lambda n: display.advance(it.dest.name, n),
                             note=display.note)
@@ -415,8 +416,10 @@ def _download_all(comp: Component, todo: list[Item], client: Any,
                 display.end(it.dest.name)
             how = f"resumed from {dl.human(out.resumed_from)}, " if out.resumed_from else ""
             how += "restarted: the server ignored Range, " if out.restarted else ""
+            took = max(time.monotonic() - began, 1e-6)
             display.note(f"{it.dest.name}: downloaded {dl.human(out.size)} ({how}"
-                         f"{dl.human(out.transferred)} transferred), sha256 {out.sha256[:12]}..."
+                         f"{dl.human(out.transferred)} transferred in {took:.1f}s, "
+                         f"{dl.human(out.transferred / took)}/s), sha256 {out.sha256[:12]}..."
                          + (" verified" if res.sha256 else ""))
             with lock:
                 results[record_key(it)] = f"{out.size} {out.sha256}"
