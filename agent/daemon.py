@@ -253,7 +253,9 @@ class Daemon:
         self._before_start()
         flag = self._want_sage_flag()
         self._sage_flag = flag
-        return [SAGE_FLAG] if flag else []
+        from agent.manager import manager_args  # --enable-manager for ComfyUI-Manager v4
+
+        return ([SAGE_FLAG] if flag else []) + manager_args(self.config)
 
     def _want_sage_flag(self) -> bool:
         cui = self.config.comfyui
