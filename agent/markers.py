@@ -26,7 +26,9 @@ from typing import Mapping, NamedTuple
 from agent.fserr import FsError, describe
 from agent.model import Marker
 
-READ_LIMIT = 16 * 1024  # a marker is a few hundred bytes; nothing beyond this is read
+# a marker is a few hundred bytes, a `nodes` marker ~90 bytes a node (500 nodes: 45 KB);
+# nothing beyond this is read (it was 16 KiB: ~180 nodes, whose marker then lost its tail)
+READ_LIMIT = 1024 * 1024
 FIELD_LIMIT = 200  # longest timestamp or metadata value kept from a marker
 JSON_LIMIT = 8 * 1024 * 1024  # state files (.pod-agent/...) larger than this are ignored
 
@@ -61,7 +63,7 @@ def path_for(markers_dir: Path, name: str) -> Path:
 
 def _printable(text: str) -> str:
     """Control characters (NUL included) dropped, bounded: safe on one line of a table."""
-    text = "".join(ch for ch in text if ch.isprintable() or ch == " ").strip()
+    text = "".join(ch for ch in text[:64 * FIELD_LIMIT] if ch.isprintable() or ch == " ").strip()
     return text[:FIELD_LIMIT]
 
 
