@@ -1,7 +1,9 @@
 """Git checkouts shared by the `git` and `nodes` kinds.
 
-Reading repo state uses GitPython without spawning git (HEAD is dereferenced from files); every
-network operation runs the git binary through procs (own session, timeout, no prompts).
+Reading HEAD reads `.git/HEAD` and the ref it points to directly (loose refs, packed-refs,
+detached HEADs, worktree and submodule `.git` files): a no-op check reads two or three small
+files per checkout and imports nothing. Every operation that changes a checkout runs the git
+binary through procs (own session, timeout, no prompts).
 """
 
 from __future__ import annotations
@@ -19,19 +21,99 @@ from agent.model import Component, State
 SHA_RE = re.compile(r"^[0-9a-f]{7,40}$")
 
 
+_HEX_RE = re.compile(r"^(?:[0-9a-f]{40}|[0-9a-f]{64})$")
+_READ_LIMIT = 4096  # HEAD, a loose ref and a .git file are one short line
+
+
+def _read_small(path: str) -> str | None:
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(_READ_LIMIT).decode("utf-8", "replace").strip()
+    except (OSError, ValueError):  # ValueError: a NUL in the path
+        return None
+
+
+def git_dir(dest: Path) -> Path | None:
+    """The checkout's git directory: `.git` itself, or where a `.git` file (`gitdir: PATH`, as
+    worktrees and submodules write it) points; None when there is neither."""
+    dot = os.path.join(dest, ".git")
+    if os.path.isdir(dot):
+        return Path(dot)
+    text = _read_small(dot)
+    if text is None or not text.startswith("gitdir:"):
+        return None
+    return Path(os.path.join(dest, text[len("gitdir:"):].strip()))  # absolute stays absolute
+
+
+def _common_dir(gdir: str) -> str:
+    """A worktree's git dir shares branches and packed-refs with the main one (`commondir`)."""
+    text = _read_small(os.path.join(gdir, "commondir"))
+    return os.path.join(gdir, text) if text else gdir
+
+
+def _packed(common: str, ref: str) -> str | None:
+    try:
+        with open(os.path.join(common, "packed-refs"), encoding="utf-8",
+                  errors="replace") as fh:
+            for line in fh:
+                if line.startswith(("#", "^")):
+                    continue
+                sha, _, name = line.rstrip("\n").partition(" ")
+                if name == ref:
+                    return sha
+    except OSError:
+        pass
+    return None
+
+
+def read_head(dest: Path) -> tuple[str | None, str]:
+    """(the commit HEAD points to, "") or (None, why not: "missing", "not a git checkout (...)").
+    Reads `.git/HEAD` and the ref it names (loose, else packed-refs; a worktree's branches in
+    its common dir); never raises, never spawns git except for a reftable repository."""
+    gdir = os.path.join(dest, ".git")
+    text = _read_small(os.path.join(gdir, "HEAD"))  # the common case: one open
+    common = gdir
+    if text is None:
+        found = git_dir(dest)
+        if found is None:
+            return None, "not a git checkout" if os.path.exists(dest) else "missing"
+        gdir = str(found)
+        text = _read_small(os.path.join(gdir, "HEAD"))
+        if text is None:
+            return None, f"not a git checkout ({os.path.join(gdir, 'HEAD')} cannot be read)"
+        common = _common_dir(gdir)
+    seen: list[str] = []
+    while text.startswith("ref:"):
+        ref = text[4:].strip()
+        if ref in seen or len(seen) > 5 or not ref.startswith("refs/") or ".." in ref:
+            return None, f"not a git checkout (HEAD points to {ref[:100]!r})"
+        seen.append(ref)
+        found_ref = _read_small(os.path.join(gdir, ref))
+        if found_ref is None and common != gdir:
+            found_ref = _read_small(os.path.join(common, ref))
+        if found_ref is None:
+            found_ref = _packed(common, ref)
+        if found_ref is None:
+            if os.path.isdir(os.path.join(common, "reftable")):  # refs not in files: ask git
+                return _rev_parse(dest)
+            return None, f"not a git checkout (HEAD is {ref}, which has no commit yet)"
+        text = found_ref
+    if not _HEX_RE.match(text):
+        return None, f"not a git checkout (HEAD is {text[:60]!r}, not a commit)"
+    return text, ""
+
+
+def _rev_parse(dest: Path) -> tuple[str | None, str]:
+    code, out = procs.quick(["git", "-C", str(dest), "rev-parse", "--verify", "-q", "HEAD"], 30)
+    sha = out.strip().splitlines()[-1:] or [""]
+    if code == 0 and _HEX_RE.match(sha[0]):
+        return sha[0], ""
+    return None, "not a git checkout (git cannot resolve HEAD)"
+
+
 def head(dest: Path) -> str | None:
     """The commit HEAD points to, or None when dest is not a readable git checkout."""
-    if not (dest / ".git").exists():
-        return None
-    from git import Repo
-    from git.exc import GitError
-    from git.refs.symbolic import SymbolicReference
-
-    try:
-        with Repo(dest) as repo:
-            return SymbolicReference.dereference_recursive(repo, "HEAD")
-    except (GitError, ValueError, OSError):
-        return None
+    return read_head(dest)[0]
 
 
 def repo_name(url: str) -> str:
@@ -40,11 +122,9 @@ def repo_name(url: str) -> str:
 
 
 def checkout_problem(dest: Path, recorded: str | None, ref: str | None) -> tuple[State, str] | None:
-    commit = head(dest)
+    commit, why = read_head(dest)
     if commit is None:
-        if dest.exists():
-            return State.BROKEN, f"{dest} is not a git checkout"
-        return State.BROKEN, f"{dest} is missing"
+        return State.BROKEN, f"{dest} is {why}"
     if ref and SHA_RE.match(ref) and not commit.startswith(ref):
         return State.STALE, f"HEAD is {commit[:12]}, ref {ref} wanted"
     if recorded and commit != recorded:
