@@ -2,23 +2,48 @@
 
 One short subprocess lists `*.dist-info` / `*.egg-info` folder names on the interpreter's sys.path
 (name and version are in the folder name) and its PEP 508 marker environment. No pip call.
+
+The listing is cached between calls in a JSON file (`<state_dir>/cache/`), keyed by what can
+change it: the mtime of every folder on that sys.path (installing, upgrading or removing a
+distribution adds or removes a `*.dist-info` folder there, which changes the folder's mtime, with
+pip and uv alike), the interpreter and its `pyvenv.cfg`, the environment variables that move
+sys.path, and this host's kernel (the marker environment names it). A no-op check therefore
+spawns no process when nothing changed. The folder mtimes are taken in the listing process before
+each folder is listed, and a listing is not cached while any of them is younger than RACY seconds
+(a change in the same clock tick as the listing would otherwise go unseen: git's "racy" rule).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from agent import procs
 
+CACHE_VERSION = 1
+RACY = 2.0  # seconds: a folder changed this recently may change again within its mtime's tick
+_KEY_ENV = ("PYTHONPATH", "PYTHONUSERBASE", "PYTHONNOUSERSITE", "PYTHONSAFEPATH")
+
 _SCRIPT = r"""
 import json, os, sys, platform
 dists = {}
+paths = []
+now = __import__('time').time()
 for p in sys.path:
+    if not p:
+        continue  # the current folder (python -c): not where a distribution is installed
     try:
-        names = os.listdir(p or '.')
+        mtime = os.stat(p).st_mtime_ns
+    except OSError:
+        mtime = None
+    paths.append([p, mtime])
+    try:
+        names = os.listdir(p)
     except OSError:
         continue
     for n in names:
@@ -50,7 +75,8 @@ env = {
     'python_version': '.'.join(platform.python_version_tuple()[:2]),
     'sys_platform': sys.platform,
 }
-print(json.dumps({'dists': dists, 'env': env, 'prefix': sys.prefix}))
+print(json.dumps({'dists': dists, 'env': env, 'prefix': sys.prefix, 'paths': paths,
+                  'now': now}))
 """
 
 
@@ -70,9 +96,29 @@ class PythonUnavailable(Exception):
     pass
 
 
-def inspect(python: Path, timeout: float = 30.0) -> PyEnv:
+def inspect(python: Path, timeout: float = 30.0, cache: Path | None = None) -> PyEnv:
+    """The interpreter's distributions and marker environment. With `cache` (a folder), the
+    listing is read from there when nothing that changes it changed (no process), else listed
+    and saved there (best effort: a folder that cannot be written just means no cache)."""
     if not python.exists():
         raise PythonUnavailable(f"interpreter {python} does not exist")
+    path = cache / f"pyenv-{hashlib.sha256(str(python).encode()).hexdigest()[:16]}.json" \
+        if cache is not None else None
+    key = _key(python)
+    if path is not None:
+        hit = _load(path, python, key)
+        if hit is not None:
+            return hit
+    data = _list(python, timeout)
+    found = PyEnv(python=python, dists=data["dists"], env=data["env"], prefix=data["prefix"])
+    if path is not None:
+        _save(path, data, key)
+    return found
+
+
+def _list(python: Path, timeout: float) -> dict:
+    global spawned
+    spawned += 1
     code, out = procs.quick([str(python), "-c", _SCRIPT], timeout=timeout)
     if code != 0:
         last = out.strip().splitlines()[-1:] or ["no output"]
@@ -81,4 +127,70 @@ def inspect(python: Path, timeout: float = 30.0) -> PyEnv:
         data = json.loads(out.strip().splitlines()[-1])
     except (ValueError, IndexError):
         raise PythonUnavailable(f"interpreter {python} gave no package listing") from None
-    return PyEnv(python=python, dists=data["dists"], env=data["env"], prefix=data["prefix"])
+    if not isinstance(data, dict) or not all(k in data for k in ("dists", "env", "prefix")):
+        raise PythonUnavailable(f"interpreter {python} gave no package listing")
+    return data
+
+
+spawned = 0  # listing processes started by this process (tests and benchmarks read it)
+
+
+def _stat_key(path: Path) -> list | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return [st.st_mtime_ns, st.st_size, st.st_ino]
+
+
+def _key(python: Path) -> dict:
+    """What the listing depends on, apart from the sys.path folders' mtimes."""
+    return {"v": CACHE_VERSION, "python": str(python), "exe": _stat_key(python),
+            "cfg": _stat_key(python.parent.parent / "pyvenv.cfg"),
+            "env": {k: os.environ.get(k) for k in _KEY_ENV}, "host": list(os.uname())}
+
+
+def _paths_unchanged(paths) -> bool:
+    if not isinstance(paths, list) or not paths:
+        return False
+    for item in paths:
+        if not (isinstance(item, list) and len(item) == 2 and isinstance(item[0], str)):
+            return False
+        try:
+            now = os.stat(item[0]).st_mtime_ns
+        except OSError:
+            now = None
+        if now != item[1]:
+            return False
+    return True
+
+
+def _load(path: Path, python: Path, key: dict) -> PyEnv | None:
+    from agent.markers import read_json
+
+    data = read_json(path)
+    if data is None or data.get("key") != key or not _paths_unchanged(data.get("paths")):
+        return None
+    dists, env, prefix = data.get("dists"), data.get("env"), data.get("prefix")
+    if not (isinstance(dists, dict) and isinstance(env, dict) and isinstance(prefix, str)
+            and all(isinstance(k, str) and isinstance(v, str) for k, v in dists.items())
+            and all(isinstance(k, str) and isinstance(v, str) for k, v in env.items())):
+        return None  # hand-edited or another version's: list again
+    return PyEnv(python=python, dists=dists, env=env, prefix=prefix)
+
+
+def _save(path: Path, data: dict, key: dict) -> None:
+    paths = data.get("paths")
+    listed_at = data.get("now")
+    if not isinstance(paths, list) or not isinstance(listed_at, (int, float)):
+        return
+    newest = max((m for _, m in paths if isinstance(m, int)), default=0) / 1e9
+    if newest > min(listed_at, time.time()) - RACY:
+        return  # changed too recently to trust its mtime: the next call lists again
+    from agent.markers import atomic_write
+
+    try:
+        atomic_write(path, json.dumps({"key": key, "paths": paths, "dists": data["dists"],
+                                       "env": data["env"], "prefix": data["prefix"]}))
+    except OSError:
+        pass  # a read-only or full state folder: no cache, same answers

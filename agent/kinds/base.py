@@ -38,8 +38,12 @@ class Ctx:
         return self.config.comfyui.python
 
     def pyenv(self) -> PyEnv:
+        """The interpreter's listing: kept for this run until invalidated, and between runs
+        in <state_dir>/cache (agent/pyenv.py; only where the state folder already exists: a
+        reader on a fresh volume creates nothing)."""
         if self._pyenv is None:
-            self._pyenv = inspect(self.python)
+            state = self.config.state_dir
+            self._pyenv = inspect(self.python, cache=state / "cache" if state.is_dir() else None)
         return self._pyenv
 
     def invalidate(self) -> None:
