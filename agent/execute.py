@@ -118,8 +118,14 @@ class Executor:
         if not self.stop.is_set() and phase != "background" and named is None:
             report.outcomes.extend(self._guarded("user_nodes", self._user_nodes))
         if not self.stop.is_set():
+            # nothing installed and everything fine when the pass began: what observe() saw
+            # is still the truth, the overall marker needs no second probe of every component
+            unchanged = observed if not report.changed and all(
+                o.state in OK_STATES for n, o in observed.items()
+                if comps[n].kind != "overall") else None
             report.outcomes.extend(self._guarded(
-                "overall", lambda: self._overall(targets, quiet=phase == "foreground")))
+                "overall", lambda: self._overall(targets, quiet=phase == "foreground",
+                                                 observed=unchanged)))
         failed = [o.name for o in report.outcomes if o.status in ("failed", "blocked")]
         self.progress("install finished: " + ("ok" if not failed else
                                               "not installed: " + ", ".join(failed)))
@@ -369,13 +375,19 @@ class Executor:
         return out
 
     # ------------------------------------------------------------------ derived
-    def _overall(self, targets: set[str] | None, quiet: bool = False) -> list[Outcome]:
+    def _overall(self, targets: set[str] | None, quiet: bool = False,
+                 observed: dict[str, Observed] | None = None) -> list[Outcome]:
+        """Write or remove the overall markers. `observed`: the components' states when they
+        are known to be current (a pass that changed nothing); else each is observed again."""
         out = []
         for name, comp in self.config.components.items():
             if comp.kind != "overall" or not comp.enabled:
                 continue
-            others = {n: observe_one(c, self.ctx) for n, c in self.config.components.items()
-                      if c.kind != "overall"}
+            if observed is None:
+                observed = {n: observe_one(c, self.ctx) for n, c in
+                            self.config.components.items() if c.kind != "overall"}
+            others = {n: o for n, o in observed.items()
+                      if self.config.components[n].kind != "overall"}
             obs = observe_overall(comp, self.ctx, others)
             all_ok = all(o.state in OK_STATES for o in others.values())
             if all_ok and obs.state != State.INSTALLED:
