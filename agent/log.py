@@ -13,10 +13,11 @@ import sys
 import time
 from pathlib import Path
 
-from loguru import logger
-
 from agent import redact as _redact
 from agent.redact import redact
+
+# loguru is imported where a sink is configured or a record is logged, not with this module: a
+# one-shot command that logs nothing (a no-op `install`, `status`) never imports it (quiet()).
 
 _configured = False
 _health_sink: int | None = None
@@ -52,6 +53,8 @@ def _patch(record) -> None:
 
 class InterceptHandler(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
+        from loguru import logger
+
         try:
             level: str | int = logger.level(record.levelname).name
         except ValueError:
@@ -101,6 +104,8 @@ def configure(level: str = "INFO", file: Path | None = None, stderr: bool = True
               rotation: str = "20 MB", retention: int = 5) -> None:
     """(Re)configure sinks. Safe to call more than once."""
     global _configured, _health_sink
+    from loguru import logger
+
     logger.remove()
     _health_sink = None
     logger.configure(patcher=_patch)
@@ -121,8 +126,57 @@ def configure(level: str = "INFO", file: Path | None = None, stderr: bool = True
 
 
 def quiet() -> None:
-    """One-shot commands: warnings only, to stderr."""
-    configure(level="WARNING", stderr=True)
+    """One-shot commands: warnings only, to stderr.
+
+    Applied when loguru is first imported (at once if it already is): a command that logs
+    nothing does not pay for importing it, and whatever does log later (`from loguru import
+    logger` anywhere) gets these sinks and the redacting patcher before its first record.
+    Meanwhile stdlib logging goes through InterceptHandler, which imports loguru on the
+    first record."""
+    if "loguru" in sys.modules:
+        configure(level="WARNING", stderr=True)
+        return
+    global _configured
+    if not _configured:
+        logging.basicConfig(handlers=[InterceptHandler()], level=logging.INFO, force=True)
+        for name in ("apscheduler", "watchdog", "git"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+        _configured = True
+    for finder in sys.meta_path:
+        if isinstance(finder, _ConfigureOnImport):
+            return
+    sys.meta_path.insert(0, _ConfigureOnImport(lambda: configure(level="WARNING",
+                                                                 stderr=True)))
+
+
+class _ConfigureOnImport:
+    """A meta path finder that only watches for `import loguru`: it lets the normal finders
+    load it, runs `then` right after the module has executed, and removes itself."""
+
+    def __init__(self, then):
+        self.then = then
+
+    def find_spec(self, name, path=None, target=None):
+        if name != "loguru":
+            return None
+        import importlib.util
+
+        try:
+            sys.meta_path.remove(self)
+        except ValueError:
+            return None
+        spec = importlib.util.find_spec(name)
+        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
+            return spec
+        real, then = spec.loader.exec_module, self.then
+
+        def exec_module(module):
+            real(module)
+            sys.modules[name] = module  # configure() imports it: the module is complete
+            then()
+
+        spec.loader.exec_module = exec_module  # this spec's own loader instance
+        return spec
 
 
 def _health_only(record) -> bool:
@@ -139,6 +193,8 @@ def health_report(path: Path, max_size: str = "10 MB", retention: int = 5) -> No
     moved report file is reopened on the next record.
     """
     global _health_sink
+    from loguru import logger
+
     close_health_report()
     path.parent.mkdir(parents=True, exist_ok=True)
     _health_sink = logger.add(
@@ -150,6 +206,8 @@ def health_report(path: Path, max_size: str = "10 MB", retention: int = 5) -> No
 def close_health_report() -> None:
     global _health_sink
     if _health_sink is not None:
+        from loguru import logger
+
         try:
             logger.remove(_health_sink)
         except (ValueError, OSError):  # OSError: the last flush hit a full disk

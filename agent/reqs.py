@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import re
@@ -25,10 +26,18 @@ class Req:
     source: str  # "file:line" or "package"
 
 
+@functools.lru_cache(maxsize=4096)
+def _requirement(text: str) -> Requirement:
+    """Requirement(text), parsed once per process: the same lines recur in every custom node's
+    requirements.txt (numpy, opencv-python, ...) and packaging's parser is the costly part of
+    reading them. Never mutated by its users."""
+    return Requirement(text)
+
+
 def parse_spec(spec: str) -> Requirement:
     """A package spec from config; raises ValueError with a readable reason."""
     try:
-        return Requirement(spec)
+        return _requirement(spec)
     except InvalidRequirement as exc:
         # packaging appends the spec and a caret diagram on further lines; a config error is
         # one line, so keep the first.
@@ -94,7 +103,7 @@ def read_file(path: Path, _seen: set[Path] | None = None) -> tuple[list[Req], li
         # (`name @ https://.../name-1.0-py3-none-any.whl` names its package: checked below)
         line = line.split(" --")[0].strip()  # per-requirement options such as --hash
         try:
-            req = Requirement(line)
+            req = _requirement(line)
         except InvalidRequirement:
             continue  # the installer will report it; nothing to verify here
         reqs.append(Req(req, canonical(req.name), where))

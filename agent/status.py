@@ -17,6 +17,7 @@ from agent.observe import lock_path, observe
 from agent.redact import redact
 
 VERDICTS = ("healthy", "installing", "degraded", "broken")
+HEALTH_FILE = "health.json"  # agent.health.STATE_FILE, named here to look without importing it
 
 
 def _process(pid: int | None, create_time: float | None = None) -> dict[str, Any] | None:
@@ -154,6 +155,8 @@ def verdict(config: Config, comps: dict[str, dict[str, Any]],
 
 def health_summary(config: Config) -> dict[str, Any] | None:
     """The latest health report in brief (`pod-agent health` has the details)."""
+    if not (config.runtime_dir / HEALTH_FILE).exists():
+        return None  # no report: agent.health (and every check it registers) is not imported
     from agent.health import load_state, staleness
 
     state = load_state(config)
