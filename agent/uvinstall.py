@@ -35,7 +35,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 from agent import procs
-from agent.pyenv import canonical
 
 if TYPE_CHECKING:
     from agent.kinds.base import Ctx
@@ -82,6 +81,11 @@ _VALUED = {"-i": "--index-url", "--index-url": "--index-url",
            "--find-links": "--find-links", "-c": "-c", "--constraint": "-c"}
 _FLAGS = {"--no-index": "--no-index", "--pre": "--prerelease=allow",
           "--no-build-isolation": "--no-build-isolation", "-q": "-q", "--quiet": "-q"}
+
+
+_PIN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(\[[^\]]*\])?==[^\s;@]+(\s*;.*)?$")
+
+_PIN_EXTRAS = re.compile(r"\[[^\]]*\](?===)")  # constraints carry no extras
 
 
 class UvUnusable(Exception):
@@ -275,7 +279,13 @@ def install(ctx: "Ctx", comp: "Component", args: Sequence[str], title: str) -> s
             raise failed(result, title)
         if not result.ok or not resolved.is_file():
             return give_up(conflict_reason(_error_lines(log, start), before.inherited))
-        result = run([uv, "pip", "install", *common, "-c", str(resolved),
+        # the resolution's name==version pins (URL and editable lines are not constraints:
+        # the requirements that named them still do)
+        pinned = work / "pinned.txt"
+        pinned.write_text("".join(_PIN_EXTRAS.sub("", ln.strip()) + "\n"
+                                  for ln in resolved.read_text().splitlines()
+                                  if _PIN.match(ln.strip())))
+        result = run([uv, "pip", "install", *common, "-c", str(pinned),
                       "--excludes", str(work / "excluded.txt"),
                       *[a for f in files for a in ("-r", f)], *specs],
                      f"{title} (uv, inherited packages excluded)")

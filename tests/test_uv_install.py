@@ -109,3 +109,16 @@ def test_without_uv_pip_installs_and_says_so(tmp_path, image, monkeypatch):
     assert "installer: uv not found (on PATH or beside the agent's Python): installing with " \
            "pip" in comp.log.read_text()
     assert any(n.startswith("podtest_uvbase-1.0") for n in own_dists(tmp_path / "venv"))
+
+
+def test_pip_options_the_uv_path_passes_on_and_one_it_refuses():
+    from agent.uvinstall import UvUnusable, split_args
+
+    files, specs, options = split_args([
+        "-r", "a.txt", "--requirement=b.txt", "-rc.txt", "x>=1", "--no-index", "-f", "/w",
+        "--extra-index-url=https://i/simple", "--pre", "-c", "k.txt"])
+    assert files == ["a.txt", "b.txt", "c.txt"] and specs == ["x>=1"]
+    assert options == ["--no-index", "--find-links", "/w", "--extra-index-url",
+                       "https://i/simple", "--prerelease=allow", "-c", "k.txt"]
+    with pytest.raises(UvUnusable, match="--user"):
+        split_args(["x", "--user"])
