@@ -25,7 +25,7 @@ from agent import procs
 from agent import services
 from agent.checks import sage
 from agent.config import load
-from agent.endpoints import AgentApi
+from agent.endpoints import AgentApi, AgentView
 from agent.execute import Report
 from agent.fserr import describe
 from agent.health import Hooks, Monitor, report_path
@@ -121,10 +121,25 @@ class Daemon:
             request_reconcile=self._health_reconcile, watcher=self.watcher,
             job_events=lambda: dict(self.job_events),
             reconciles=lambda: [r.last for r in (self.fg, self.bg) if r.last]))
-        self.api = AgentApi(self)
+        self.api = AgentApi(self.view())
         self.health.listeners += [self.api.metrics.on_check, self._on_health]
         self.services = services.for_daemon(self)  # JupyterLab, sshd, ... (agent/services.py)
         self._schedule_health()
+
+    def view(self) -> AgentView:
+        """What the HTTP endpoint may see of the agent (agent/endpoints.py), read-only."""
+        sup = self.supervisor
+        return AgentView(
+            config=lambda: self.config, started=self._started,
+            heartbeat=lambda: self._heartbeat, stopping=self.stop_event.is_set,
+            service=sup.snapshot,
+            request_restart=lambda reason, urgent: sup.request_restart(reason, urgent=urgent),
+            failed=lambda: dict(self.failed), start_comfyui=lambda: self.start_comfyui,
+            health=self.health, job_events=lambda: dict(self.job_events),
+            observer_restarts=lambda: self.watcher.restarts,
+            reconciles=lambda: [self.fg.last, self.bg.last],
+            http_info=lambda: self.http_info,
+            set_http_info=lambda info: setattr(self, "http_info", info))
 
     def _schedule_health(self) -> None:
         """One APScheduler job per enabled check (and the periodic summary); again on reload."""
@@ -544,7 +559,7 @@ class Daemon:
     def _reap_orphans(self) -> None:
         """As PID 1: reap re-parented orphans, never a child whose Popen wants its status."""
         sup = self.supervisor
-        known = procs.known_pids() | ({sup._proc.pid} if getattr(sup, "_proc", None) else set())
+        known = procs.known_pids() | sup.child_pids()
         known |= self.services.child_pids()
         for _ in range(64):
             try:

@@ -18,7 +18,8 @@ import json
 import os
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Callable
+from dataclasses import dataclass
+from typing import Any, Callable
 
 from loguru import logger
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -31,9 +32,6 @@ from agent.http import HTTP_FILE, Api, HttpServer
 from agent.markers import atomic_write, tail_jsonl
 from agent.metrics import Metrics, Sources
 from agent.redact import redact
-
-if TYPE_CHECKING:
-    from agent.daemon import Daemon
 
 HEARTBEAT_STALE = 30.0  # /healthz fails when the main loop has not turned for this long
 TOKEN_ENV = "POD_AGENT_HTTP_TOKEN"
@@ -198,9 +196,49 @@ def history_events(health_records: list[dict], history_records: list[dict],
     return events[:page.MAX_EVENTS]
 
 
+@dataclass(frozen=True)
+class AgentView:
+    """All the endpoint may see of the running agent: read-only values and callables, plus the
+    two requests it may make (a restart, a reinstall through `health`). The daemon builds it
+    (`Daemon.view()`); the endpoint reads no field of the daemon or the supervisor."""
+
+    config: Callable[[], Any]  # the current Config (a reload replaces it)
+    started: float  # time.time() when the agent started
+    heartbeat: Callable[[], float]  # time.monotonic() of the main loop's latest turn
+    stopping: Callable[[], bool]
+    service: Callable[[], dict]  # ComfyUI's supervisor snapshot
+    request_restart: Callable[[str, bool], None]  # (reason, urgent)
+    failed: Callable[[], dict]  # component -> why, from the latest reconcile passes
+    start_comfyui: Callable[[], bool]
+    health: Any  # the health Monitor (enabled, latest_entry, component_states, limiter,
+    #              verdict, reinstall)
+    job_events: Callable[[], dict]
+    observer_restarts: Callable[[], int]
+    reconciles: Callable[[], list]  # the reconcile workers' latest results (dicts or None)
+    http_info: Callable[[], Any]
+    set_http_info: Callable[[Any], None]
+
+    @classmethod
+    def of(cls, agent: Any) -> "AgentView":
+        """A view of an object with the daemon's public attributes (a test's stand-in)."""
+        return cls(
+            config=lambda: agent.config, started=getattr(agent, "started", time.time()),
+            heartbeat=lambda: getattr(agent, "heartbeat", time.monotonic()),
+            stopping=lambda: agent.stop_event.is_set(),
+            service=lambda: agent.supervisor.snapshot(),
+            request_restart=lambda r, u: agent.supervisor.request_restart(r, urgent=u),
+            failed=lambda: dict(agent.failed), start_comfyui=lambda: agent.start_comfyui,
+            health=agent.health, job_events=lambda: dict(agent.job_events),
+            observer_restarts=lambda: agent.watcher.restarts,
+            reconciles=lambda: [getattr(getattr(agent, n, None), "last", None)
+                                for n in ("fg", "bg")],
+            http_info=lambda: agent.http_info,
+            set_http_info=lambda info: setattr(agent, "http_info", info))
+
+
 class AgentApi:
-    def __init__(self, daemon: "Daemon"):
-        self.d = daemon
+    def __init__(self, view: AgentView | Any):
+        self.v = view if isinstance(view, AgentView) else AgentView.of(view)
         self.server: HttpServer | None = None
         self.observed = Observed(self._collect, "status")
         self.page_data = Observed(self._page_data, "page", wait=2.0)  # cheap: no long wait
@@ -208,36 +246,37 @@ class AgentApi:
         self._reconciles_lock = threading.Lock()
         self._page_cache: tuple[tuple, bytes] | None = None
         self._http_write_failed = False
-        health = daemon.health
+        v = self.v
+        health = v.health
         self.metrics = Metrics(Sources(
-            started=daemon._started,
+            started=v.started,
             version=agent_pkg.__version__,
-            service=daemon.supervisor.snapshot,
+            service=v.service,
             checks=lambda: {n: e for n in health.enabled()
                             if (e := health.latest_entry(n)) is not None},
             components=health.component_states,
             quarantined=health.limiter.quarantined,
             verdict=lambda: health.verdict,
-            job_events=lambda: dict(daemon.job_events),
-            observer_restarts=lambda: daemon.watcher.restarts,
+            job_events=v.job_events,
+            observer_restarts=v.observer_restarts,
             http=lambda: self.server.counts if self.server is not None else {},
         ))
 
     # -------------------------------------------------------------- answers
     def token(self) -> str | None:
-        return os.environ.get(TOKEN_ENV) or self.d.config.http.get("token") or None
+        return os.environ.get(TOKEN_ENV) or self.v.config().http.get("token") or None
 
     def alive(self) -> tuple[bool, dict]:
-        age = time.monotonic() - self.d._heartbeat
-        ok = age < HEARTBEAT_STALE and not self.d.stop_event.is_set()
+        age = time.monotonic() - self.v.heartbeat()
+        ok = age < HEARTBEAT_STALE and not self.v.stopping()
         return ok, {"status": "ok" if ok else "stuck", "pid": os.getpid(),
-                    "uptime": round(time.time() - self.d._started, 1),
+                    "uptime": round(time.time() - self.v.started, 1),
                     "main_loop_age": round(age, 2)}
 
     def ready(self) -> tuple[bool, dict]:
-        snap = self.d.supervisor.snapshot()
-        failed = dict(self.d.failed)
-        comps = self.d.config.components
+        snap = self.v.service()
+        failed = dict(self.v.failed())
+        comps = self.v.config().components
         required = sorted(n for n in failed if n in comps and comps[n].required)
         serving = snap.get("state") == "running" and bool(snap.get("ready"))
         ok = serving and not required
@@ -248,14 +287,14 @@ class AgentApi:
                               f"{redact(failed[required[0]])[:200]}" if serving else
                               snap.get("degraded_reason") or snap.get("last_failure") or (
                                   "ComfyUI is not managed by this agent (--no-comfyui)"
-                                  if not self.d.start_comfyui
+                                  if not self.v.start_comfyui()
                                   else f"ComfyUI is {snap.get('state')}"))
         return ok, body
 
     def _collect(self) -> dict:
         from agent.status import collect
 
-        return collect(self.d.config)
+        return collect(self.v.config())
 
     def status_changed(self) -> None:
         """The daemon after each reconcile pass: observe again (in the background)."""
@@ -266,15 +305,14 @@ class AgentApi:
     def _note_reconciles(self) -> None:
         """Remember the reconcile passes' latest results (the page's history)."""
         with self._reconciles_lock:
-            for rec in (getattr(self.d, "fg", None), getattr(self.d, "bg", None)):
-                last = getattr(rec, "last", None)
+            for last in self.v.reconciles():
                 if isinstance(last, dict) and not any(r is last for r in self._reconciles):
                     self._reconciles.append(last)
 
     def _page_data(self) -> dict:
         """What the page shows besides `status`: the health checks' latest results (the
         monitor's memory), the quarantined components and the recent history."""
-        health = self.d.health
+        health = self.v.health
         checks = {n: e for n in health.enabled() if (e := health.latest_entry(n)) is not None}
         quarantined = {k: q.get("reason") for k, q in health.limiter.quarantined().items()}
         verdict = health_verdict((e.get("status", "fail") for e in checks.values()),
@@ -284,8 +322,9 @@ class AgentApi:
         self._note_reconciles()
         with self._reconciles_lock:
             reconciles = list(self._reconciles)
-        events = history_events(tail_jsonl(report_path(self.d.config), 200, TAIL_BYTES),
-                                tail_jsonl(drift.history_path(self.d.config), 50, TAIL_BYTES), reconciles)
+        config = self.v.config()
+        events = history_events(tail_jsonl(report_path(config), 200, TAIL_BYTES),
+                                tail_jsonl(drift.history_path(config), 50, TAIL_BYTES), reconciles)
         return {"health": {"verdict": verdict, "checks": checks, "quarantined": quarantined},
                 "events": events}
 
@@ -314,16 +353,16 @@ class AgentApi:
 
     def reinstall(self, name: str) -> tuple[int, dict]:
         try:
-            self.d.health.reinstall(name, "HTTP request")
+            self.v.health.reinstall(name, "HTTP request")
         except KeyError:
             return 404, {"error": f"no such component: {name}",
-                         "components": [n for n, c in self.d.config.components.items()
+                         "components": [n for n, c in self.v.config().components.items()
                                         if c.kind != "overall"]}
         return 202, {"accepted": True, "component": name,
                      "detail": "marker removed; the reconcile loop reinstalls it"}
 
     def restart(self, urgent: bool) -> dict:
-        self.d.supervisor.request_restart("HTTP request", urgent=urgent)
+        self.v.request_restart("HTTP request", urgent)
         return {"accepted": True, "urgent": urgent,
                 "detail": "restarting now" if urgent else
                 "restart when ComfyUI's queue is empty"}
@@ -332,7 +371,7 @@ class AgentApi:
     def start_http(self) -> dict | None:
         """Serve, or keep trying to bind in the background (agent/http.py); the state goes to
         <runtime_dir>/http.json for `status` and health. Never raises."""
-        cfg = self.d.config
+        cfg = self.v.config()
         if not cfg.http["enabled"]:
             return None
         api = Api(alive=self.alive, ready=self.ready, status=self.status,
@@ -342,13 +381,13 @@ class AgentApi:
         self.observed.refresh()  # the first /status does not wait for a whole observe
         self.page_data.refresh()
         self.server.start_retrying(self._http_changed)
-        return self.d.http_info
+        return self.v.http_info()
 
     def _http_changed(self, state: dict) -> None:
         info = {**state, "pid": os.getpid()}
-        self.d.http_info = info
+        self.v.set_http_info(info)
         try:
-            atomic_write(self.d.config.runtime_dir / HTTP_FILE, json.dumps(info, indent=1))
+            atomic_write(self.v.config().runtime_dir / HTTP_FILE, json.dumps(info, indent=1))
             self._http_write_failed = False
         except OSError as exc:
             if not self._http_write_failed:
@@ -361,6 +400,6 @@ class AgentApi:
         self.server.stop()
         self.server = None
         try:
-            (self.d.config.runtime_dir / HTTP_FILE).unlink()
+            (self.v.config().runtime_dir / HTTP_FILE).unlink()
         except OSError:
             pass

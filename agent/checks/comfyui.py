@@ -11,18 +11,15 @@ from __future__ import annotations
 import json
 import time
 import urllib.error
-import urllib.request
 from typing import Any
 
 import psutil
 
 from agent.checks.base import CheckCtx, Result
 from agent.markers import read_json
+from agent.comfyhttp import ComfyClient
 from agent.procs import alive
-from agent.supervisor import comfyui_url
 from agent.model import Config
-
-_opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 def agent_running(config: Config) -> dict | None:
@@ -72,16 +69,15 @@ def http(ctx: CheckCtx) -> Result:
     early = _not_running(snap, expected, supervised, "http")
     if early is not None:
         return early
-    url = comfyui_url(ctx.config.comfyui, "/system_stats")
+    client = ComfyClient(ctx.config.comfyui)
+    url = client.url("/system_stats")
     start = time.monotonic()
     try:
-        with _opener.open(url, timeout=ctx.remaining(0.2)) as resp:
-            body = resp.read(1 << 20)
-            code = resp.status
+        code, body = client.get("/system_stats", timeout=ctx.remaining(0.2))
     except urllib.error.HTTPError as exc:
         return Result("fail", f"GET /system_stats answered HTTP {exc.code}",
                       data={"url": url})
-    except (OSError, urllib.error.URLError) as exc:
+    except OSError as exc:  # urllib.error.URLError, a reply cut short
         reason = getattr(exc, "reason", exc)
         dead = "refused" in str(reason).lower()
         return Result("fail", f"GET /system_stats failed: {reason}"
