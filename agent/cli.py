@@ -31,6 +31,12 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "restart": ("agent.cli_services", "restart",
                 "Restart one service (comfyui, jupyter, sshd, yours) through the running agent."),
     "logs": ("agent.cli_services", "logs", "Print a service's log; -f keeps following it."),
+    "update": ("agent.cli_update", "update",
+               "Update git components and nodes; verified, rolled back by itself on failure."),
+    "rollback": ("agent.cli_update", "rollback",
+                 "Go back to a restore point (the latest update by default), verified."),
+    "history": ("agent.cli_update", "history",
+                "Every install, update, rollback, repair and drift, with time and result."),
 }
 
 

@@ -6,12 +6,16 @@ Real git upstreams that gain commits, a real venv with small local wheels, the f
 from __future__ import annotations
 
 import json
+import socket
 
 import pytest
 
 from agent import drift, history
 from agent.config import load
-from tests.kit import install
+from tests.helpers import ROOT, commit_files, git, installed_dists, run_cli
+from tests.kit import install, status
+
+FAKE = ROOT / "tests" / "fake_comfyui" / "main.py"
 
 
 # ---------------------------------------------------------------------- history
@@ -41,6 +45,7 @@ def test_history_records_filters_and_stays_bounded(ws, monkeypatch):
     assert history.read(conf, limit=1)[0]["component"] == "c199"
 
 
+@pytest.mark.slow
 def test_install_and_repair_go_to_history(ws):
     install(ws)
     conf = load(ws.config_path, ws.root)
@@ -55,3 +60,135 @@ def test_install_and_repair_go_to_history(ws):
     install(ws)
     rep = history.read(conf, "gguf_node", kind="repair")
     assert rep and rep[-1]["result"] == "ok", history.read(conf)
+
+
+# ---------------------------------------------------------------------- updates
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def uws(ws):
+    """`ws` installed, ComfyUI being the fake server that imports its custom nodes at start
+    (FAKE_COMFY_LOAD_NODES), each node importing its requirement; no agent runs."""
+    port = _free_port()
+    commit_files(ws.upstreams / "ComfyUI", {"main.py": FAKE.read_text()}, "fake server")
+    for node, module in (("node-a", "podtest_nodea"), ("node-b", "podtest_nodeb")):
+        commit_files(ws.upstreams / node, {"__init__.py": f"import {module}\n"
+                                           "NODE_CLASS_MAPPINGS = {}\n"}, "imports")
+    ws.config["comfyui"].update({"args": ["--listen", "127.0.0.1", "--port", str(port)],
+                                 "port": port, "env": {"FAKE_COMFY_LOAD_NODES": "1"}})
+    ws.save()
+    install(ws)
+    return ws
+
+
+def head(path) -> str:
+    return git("rev-parse", "HEAD", cwd=path)
+
+
+def update(ws, *args: str, expect: int | None = None):
+    proc = run_cli("update", *args, *ws.args())
+    if expect is not None:
+        assert proc.returncode == expect, (proc.returncode, proc.stdout, proc.stderr)
+    return proc
+
+
+@pytest.mark.slow
+def test_dry_run_then_update_then_rollback(uws):
+    ws = uws
+    node_a = ws.comfyui / "custom_nodes" / "node-a"
+    old = head(node_a)
+    commit_files(ws.upstreams / "node-a", {"README": "one\n"}, "one")
+    new = commit_files(ws.upstreams / "node-a", {
+        "requirements.txt": "podtest-nodea\npodtest-nodec\n",
+        "__init__.py": "import podtest_nodea, podtest_nodec\nNODE_CLASS_MAPPINGS = {}\n"}, "two")
+    # the dry run fetches and tells, and changes nothing
+    proc = update(ws, "custom_nodes", "--dry-run", "--json", expect=0)
+    units = {u["name"]: u for u in json.loads(proc.stdout)["units"]}
+    assert units["node-a"]["from"] == old and units["node-a"]["to"] == new
+    assert units["node-a"]["commits"] == 2 and units["node-a"]["update"]
+    assert units["node-a"]["requirements"]["added"] == ["podtest-nodec"]
+    assert not units["node-b"]["update"]
+    assert head(node_a) == old and "podtest-nodec" not in installed_dists(ws.python)
+    text = update(ws, "node-a", "--dry-run", expect=0).stdout
+    assert f"node-a: {old[:12]} -> {new[:12]} (2 commits); requirements: +podtest-nodec" in text
+    # the update: moved, installed, verified by a ComfyUI started for the check
+    proc = update(ws, "node-a", expect=0)
+    assert head(node_a) == new and "podtest-nodec" in installed_dists(ws.python)
+    assert f"updated: node-a {old[:12]} -> {new[:12]} (2 commits)" in proc.stdout
+    assert "verified: ComfyUI answers; 3 custom nodes imported" in proc.stdout, proc.stdout
+    assert kit_status(ws)["components"]["custom_nodes"]["state"] == "installed"
+    conf = load(ws.config_path, ws.root)
+    rec = history.read(conf, "node-a", kind="update")[-1]
+    assert (rec["from"], rec["to"], rec["result"], rec["actor"]) == (old[:12], new[:12], "ok",
+                                                                     "cli")
+    assert not (conf.state_dir / "updates" / "journal.json").exists()
+    # and back, by hand: commit and packages as they were
+    proc = run_cli("rollback", *ws.args())
+    assert proc.returncode == 0, (proc.stdout, proc.stderr)
+    assert head(node_a) == old and "podtest-nodec" not in installed_dists(ws.python)
+    assert history.read(conf, "node-a", kind="rollback")[-1]["result"] == "ok"
+    assert kit_status(ws)["components"]["custom_nodes"]["state"] == "installed"
+    text = run_cli("history", "node-a", *ws.args()).stdout
+    assert "update  node-a" in text and "rollback  node-a" in text
+
+
+def kit_status(ws) -> dict:
+    return status(ws)[1]
+
+
+@pytest.mark.slow
+def test_requirements_that_cannot_be_installed_roll_everything_back(uws):
+    ws = uws
+    node_a, core = ws.comfyui / "custom_nodes" / "node-a", ws.comfyui
+    before = {p: head(p) for p in (node_a, core)}
+    assert drift.dists(ws.python)["podtest-alpha"] == "2.0"
+    commit_files(ws.upstreams / "ComfyUI", {"requirements.txt": "podtest-alpha<2\n"
+                                            "podtest-beta\n"}, "alpha 1")
+    commit_files(ws.upstreams / "node-a", {"requirements.txt": "podtest-nodea\n"
+                                           "podtest-nowhere\n"}, "a requirement nobody has")
+    markers_before = {p.name: p.read_text() for p in ws.markers.glob("*.done")}
+    proc = update(ws, "--all", expect=1)
+    out = proc.stdout + proc.stderr
+    assert "failed: custom_nodes:" in out and "rolled back:" in out, out
+    assert {p: head(p) for p in (node_a, core)} == before
+    assert "packages: podtest-alpha 2.0 -> 1.0" in out  # changed by the update...
+    assert drift.dists(ws.python)["podtest-alpha"] == "2.0"  # ...and put back
+    assert {p.name: p.read_text() for p in ws.markers.glob("*.done")} == markers_before
+    conf = load(ws.config_path, ws.root)
+    assert history.read(conf, "node-a", kind="update")[-1]["result"] == "rolled back"
+    assert history.read(conf, kind="rollback")[-1]["result"] == "ok"
+    assert kit_status(ws)["verdict"] == "healthy"
+
+
+@pytest.mark.slow
+def test_a_node_that_no_longer_imports_is_rolled_back(uws):
+    ws = uws
+    node_b = ws.comfyui / "custom_nodes" / "node-b"
+    old = head(node_b)
+    commit_files(ws.upstreams / "node-b", {"__init__.py": "raise ImportError("
+                                           "'node-b 2 needs frobnicate')\n"}, "broken")
+    proc = update(ws, "node-b", expect=1)
+    assert "import error: node-b: node-b 2 needs frobnicate" in proc.stdout, proc.stdout
+    assert "rolled back: node-b" in proc.stdout and head(node_b) == old
+    assert "after the rollback: ComfyUI answers; 3 custom nodes imported" in proc.stdout
+
+
+@pytest.mark.slow
+def test_local_edits_are_refused_unless_forced_and_never_lost(uws):
+    ws = uws
+    node_a = ws.comfyui / "custom_nodes" / "node-a"
+    old = head(node_a)
+    new = commit_files(ws.upstreams / "node-a", {"README": "new\n"}, "readme")
+    (node_a / "requirements.txt").write_text("podtest-nodea  # my edit\n")
+    proc = update(ws, "node-a", "--no-verify", expect=1)
+    assert "LOCAL EDITS in 1 file (requirements.txt): refused without --force" in proc.stdout
+    assert head(node_a) == old and "my edit" in (node_a / "requirements.txt").read_text()
+    update(ws, "node-a", "--force", "--no-verify", expect=0)
+    assert head(node_a) == new
+    assert "pod-agent update" in git("stash", "list", cwd=node_a)
+    git("stash", "pop", cwd=node_a)
+    assert "my edit" in (node_a / "requirements.txt").read_text()

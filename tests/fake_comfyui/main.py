@@ -30,6 +30,10 @@ Environment:
                                 with FAKE_COMFY_PIP_ONCE=1 only while <control>/pip_done is absent
                                 (written after the first run)
   FAKE_COMFY_PIP_WAIT=name      before that pip run, wait (at most 60 s) for <control>/<name>
+  FAKE_COMFY_LOAD_NODES=1       before listening, import each folder of <cwd>/custom_nodes (its
+                                __init__.py, in this interpreter) and print ComfyUI's import
+                                summary with its wording: `Cannot import <path> module for custom
+                                nodes: <error>`, `   0.0 seconds (IMPORT FAILED): <path>`
   FAKE_COMFY_REBOOT=exec        the Manager's restart re-executes in place even when
                                 __COMFY_CLI_SESSION__ is set (a ComfyUI started by someone else)
 """
@@ -194,6 +198,43 @@ def watch_control() -> None:
         time.sleep(0.1)
 
 
+def load_custom_nodes() -> None:
+    """FAKE_COMFY_LOAD_NODES: what ComfyUI's nodes.py does at start, with its log lines."""
+    import importlib.util
+    import traceback
+
+    root = Path.cwd() / "custom_nodes"
+    try:
+        names = sorted(os.listdir(root))
+    except OSError:
+        return
+    times = []
+    for name in names:
+        path = root / name
+        if name == "__pycache__" or name.startswith(".") or name.endswith(".disabled") \
+                or not (path / "__init__.py").is_file():
+            continue
+        began = time.perf_counter()
+        try:
+            spec = importlib.util.spec_from_file_location(str(path).replace(".", "_x_"),
+                                                          path / "__init__.py")
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[spec.name] = module
+            spec.loader.exec_module(module)
+            ok = True
+        except Exception as e:  # noqa: BLE001 - as ComfyUI: logged, the start goes on
+            print(traceback.format_exc(), flush=True)
+            print(f"Cannot import {path} module for custom nodes: {e}", flush=True)
+            ok = False
+        times.append((time.perf_counter() - began, str(path), ok))
+    if times:
+        print("\nImport times for custom nodes:", flush=True)
+        for t, path, ok in sorted(times):
+            print("{:6.1f} seconds{}: {}".format(t, "" if ok else " (IMPORT FAILED)", path),
+                  flush=True)
+        print("", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("--listen", nargs="?", const="0.0.0.0", default="127.0.0.1")
@@ -251,6 +292,8 @@ def main() -> None:
     if delay > 0:
         time.sleep(delay)
 
+    if os.environ.get("FAKE_COMFY_LOAD_NODES") == "1":
+        load_custom_nodes()
     server = ThreadingHTTPServer((args.listen, args.port), Handler)
     say(f"To see the GUI go to: http://{args.listen}:{args.port}")
     server.serve_forever(poll_interval=0.1)
