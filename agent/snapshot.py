@@ -673,7 +673,7 @@ def _extract(archive: Path, dest: Path) -> list[str]:
 
 
 def _cnr_install(comp: Component, ctx, registry: str, node_id: str, version: str,
-                 old: Path | None) -> None:
+                 old: Path | None, root: Path | None = None) -> None:
     """The Manager's registry install: GET {registry}/nodes/{id}/install?version=V gives a
     downloadUrl to a zip, extracted into custom_nodes/{id} with a .tracking file; then the
     node's requirements and install.py. A previous version goes to .disabled/{id}@{ver}."""
@@ -695,7 +695,7 @@ def _cnr_install(comp: Component, ctx, registry: str, node_id: str, version: str
     download = info.get("downloadUrl") if isinstance(info, dict) else None
     if not isinstance(download, str) or not download.startswith(("http://", "https://")):
         raise InstallError(f"{label}: the registry gave no download URL for this version")
-    root = custom_nodes(ctx.config)
+    root = root or custom_nodes(ctx.config)
     root.mkdir(parents=True, exist_ok=True)
     tmp_zip = root / f".{node_id}.partial-{os.getpid()}.zip"
     tmp_dir = root / f".{node_id}.partial-{os.getpid()}"
@@ -871,3 +871,56 @@ def restore_cli(config: Config, snap: dict[str, Any], source: Path, prune: bool 
     if warn:
         out["message"] = f"warning: {warn}"
     return out
+
+
+# --------------------------------------------------------------------------- config: `snapshot:`
+def config_nodes(path: Path, nodes: list[dict[str, Any]], seen: set[str]) -> list[dict[str, Any]]:
+    """The `nodes` component's list with a snapshot's nodes added (`custom_nodes.snapshot`):
+    each git node at its commit (`ref`), `enabled: false` when the snapshot has it disabled;
+    each registry node at its version. A node written in `nodes:` wins over the snapshot's
+    (same folder or same repository): the config can move one to another ref or disable it.
+    ComfyUI-Manager itself is left to its component; file nodes and pips are not used."""
+    snap = read(path)
+    out = list(nodes)
+    names = set(seen)
+    listed = {norm_url(n["repo"]) for n in nodes if n.get("repo")}
+    for url, info in snap["git_custom_nodes"].items():
+        name = folder_for(url)
+        if _is_manager(url) or name in names or norm_url(url) in listed:
+            continue
+        names.add(name)
+        out.append({"repo": url, "name": name, "ref": info["hash"],
+                    "enabled": not info["disabled"]})
+    for node_id, version in snap["cnr_custom_nodes"].items():
+        if _is_manager(node_id) or node_id in names:
+            continue
+        names.add(node_id)
+        out.append({"repo": f"cnr:{node_id}", "name": node_id, "ref": None, "enabled": True,
+                    "cnr": node_id, "version": version})
+    return out
+
+
+def registry_node_problem(dest: Path, node_id: str, version: str):
+    """(State, reason) when dest is not registry node `node_id` at `version`, else None."""
+    from agent.model import State
+
+    if not dest.exists():
+        return State.BROKEN, f"{node_id}: {dest} is missing"
+    info = cnr_info(dest)
+    if info is None:
+        return State.BROKEN, f"{node_id}: {dest} is not a registry node (no .tracking or " \
+                             "pyproject.toml)"
+    if info[1] != version_key(version):
+        return State.STALE, f"{node_id}: version {info[1]} installed, {version} wanted"
+    return None
+
+
+def install_registry_node(comp: Component, ctx, node_id: str, version: str, dest: Path) -> None:
+    """Install registry node `node_id` at `version` into dest's folder (the `nodes` kind);
+    what is there already goes to .disabled (never deleted). Raises InstallError."""
+    from agent.kinds.base import InstallError
+
+    if dest.name != node_id:
+        raise InstallError(f"{node_id}: a registry node's folder is its id, not {dest.name}")
+    _cnr_install(comp, ctx, registry_url(ctx.config), node_id, version,
+                 dest if dest.exists() else None, dest.parent)

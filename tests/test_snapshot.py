@@ -298,3 +298,35 @@ def test_save_then_restore_on_an_empty_workspace_gives_the_same_nodes(ws, gh, re
     assert again["git_custom_nodes"] == snap["git_custom_nodes"]
     assert again["cnr_custom_nodes"] == snap["cnr_custom_nodes"]
     assert (empty / "ComfyUI" / "custom_nodes" / ".disabled" / "ComfyUI-NodeB").is_dir()
+
+
+@pytest.mark.slow
+def test_config_snapshot_is_a_source_of_the_custom_node_list(ws, gh, registry, monkeypatch):
+    """custom_nodes.snapshot: the snapshot's nodes join the list; `nodes:` wins for the same
+    repository (NodeA at A1, not the snapshot's A2); registry nodes come from the registry."""
+    from tests.kit import install, status
+
+    url, _ = registry
+    monkeypatch.setenv("POD_AGENT_REGISTRY_URL", url)
+    comps = ws.config["components"]
+    comp = comps["custom_nodes"]
+    comp.update(nodes=[{"repo": GH + "ComfyUI-NodeA", "ref": A1}], depends_on=["comfyui_core"],
+                snapshot=str(FIXTURES / "manager_snapshot.yaml"))
+    ws.config["components"] = {"comfyui_core": comps["comfyui_core"], "custom_nodes": comp}
+    ws.save()
+    install(ws, "custom_nodes")
+    nodes = _nodes(ws)
+    assert _head(nodes / "ComfyUI-NodeA") == A1 and _head(nodes / "ComfyUI-NodeC") == C1
+    assert snapmod.cnr_info(nodes / "podtest-cnr-node") == ("podtest-cnr-node", "1.0.2")
+    code, st = status(ws)
+    assert st["components"]["custom_nodes"]["state"] == "installed", st["components"]
+    assert st["components"]["custom_nodes"]["version"] == "3 nodes"
+    (nodes / "podtest-cnr-node" / ".tracking").unlink()  # no longer the registry's node
+    code, st = status(ws)
+    assert "podtest-cnr-node" in st["components"]["custom_nodes"]["reason"]
+
+    comp["snapshot"] = "no-such-snapshot.json"  # relative: to the workspace
+    ws.save()
+    proc = run_cli("status", *ws.args())
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert str(ws.root / "no-such-snapshot.json") in proc.stderr and "not found" in proc.stderr

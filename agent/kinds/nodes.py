@@ -24,6 +24,7 @@ FIELDS = {
     "requirements": ("enum:auto|none", "auto"),
     "depth": ("opt_int", None),
     "update": ("bool", False),
+    "snapshot": ("opt_path", None),  # a ComfyUI-Manager snapshot: more nodes (agent/snapshot.py)
 }
 
 _NODE_KEYS = {"repo", "ref", "enabled", "name"}
@@ -67,12 +68,24 @@ def validate(values: dict[str, Any], expand: Callable[[str], str]) -> dict[str, 
         ref = item.get("ref")
         nodes.append({"repo": repo, "name": name, "ref": None if ref is None else str(ref),
                       "enabled": enabled})
+    if values.get("snapshot"):
+        from pathlib import Path
+
+        from agent.snapshot import SnapshotError, config_nodes
+
+        path = Path(values["snapshot"])
+        values["snapshot"] = path if path.is_absolute() else Path(expand("{workspace}")) / path
+        try:
+            nodes = config_nodes(values["snapshot"], nodes, seen)
+        except SnapshotError as exc:
+            raise _err(str(exc), key="snapshot") from None
     values["nodes"] = tuple(nodes)
     return values
 
 
 def _node_fp(node: dict[str, Any], requirements: str) -> str:
-    blob = json.dumps([node["repo"], node["ref"], requirements])
+    blob = json.dumps([node["repo"], node["ref"], requirements] + (
+        [node["cnr"], node["version"]] if node.get("cnr") else []))
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
@@ -100,6 +113,13 @@ def node_problem(comp: Component, ctx: Ctx, node: dict[str, Any],
     commit, fp, deps = _recorded(marker, node["name"])
     if marker and not marker.legacy and fp and fp != _node_fp(node, comp.spec["requirements"]):
         return State.STALE, f"{node['name']}: repo or ref changed"
+    if node.get("cnr"):  # a registry node from a snapshot: folder, .tracking, version
+        from agent.snapshot import registry_node_problem
+
+        found = registry_node_problem(dest, node["cnr"], node["version"])
+        if found is None and comp.spec["requirements"] == "auto":
+            found = gitops.deps_problem(ctx, dest, deps)
+        return found
     if marker and not marker.legacy and not fp:
         found = gitops.checkout_problem(dest, None, node["ref"])
         if found is None or found[1].endswith("is missing"):
@@ -135,7 +155,12 @@ def install(comp: Component, ctx: Ctx, marker: Marker | None = None) -> dict[str
             _disable(dest)
             continue
         try:
-            if node_problem(comp, ctx, node, marker) is not None or marker is None:
+            if node.get("cnr") and (node_problem(comp, ctx, node, marker) is not None
+                                    or marker is None):
+                from agent.snapshot import install_registry_node
+
+                install_registry_node(comp, ctx, node["cnr"], node["version"], dest)
+            elif node_problem(comp, ctx, node, marker) is not None or marker is None:
                 gitops.ensure_checkout(comp, ctx, node["repo"], dest, node["ref"], s["depth"],
                                        s["update"], node["name"])
                 if s["requirements"] == "auto":
