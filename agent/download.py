@@ -508,7 +508,14 @@ def _finish(item: Item, resolved: Resolved, digest: str | None, size: int, recei
 
 
 def make_client(timeout: float = 60.0) -> Any:
+    import logging
+
     import httpx
+
+    # httpx logs each request at INFO, with the full URL: a redirect's signed CDN URL does not
+    # belong in the agent's log (and one line per request is noise)
+    for name in ("httpx", "httpcore"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
     return httpx.Client(follow_redirects=True, timeout=httpx.Timeout(timeout, connect=30.0),
                         limits=httpx.Limits(max_connections=32))

@@ -48,6 +48,8 @@ class Server:
     cuts: list[int] = field(default_factory=list)  # next GETs: close after this many bytes
     log: list[dict] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    redirect: bool = False  # resolve URLs answer 302 to /cdn/<key> on "localhost", as the hub
+    #                         redirects LFS files to its CDN (another host: no Authorization)
     barrier: int = 0  # hold body GETs until this many are in flight (once; 10 s at most)
     active: int = 0
     max_active: int = 0
@@ -106,17 +108,29 @@ class Server:
             def _serve(self, head: bool) -> None:
                 path = self.path.split("?", 1)[0]
                 m = _RESOLVE.match(path)
-                key = f"{m['repo']}/{m['file']}" if m else path.lstrip("/")
+                cdn = path.startswith("/cdn/")
+                key = f"{m['repo']}/{m['file']}" if m else path[5 if cdn else 1:]
                 entry = server.files.get(key)
                 if entry is None:
                     return self._error(404, head, {"X-Error-Code": "EntryNotFound"} if m else {})
-                if entry.gated:
+                if entry.gated and not cdn:
                     auth = self.headers.get("Authorization")
                     if auth != f"Bearer {server.token}":
                         return self._error(401 if not auth else 403, head,
                                            {"X-Error-Code": "GatedRepo",
                                             "X-Error-Message": "Access restricted"})
                 size = entry.size
+                if m and server.redirect:
+                    self.send_response(302)
+                    self.send_header("Location", f"http://localhost:{server.port}/cdn/{key}"
+                                                 "?X-Amz-Signature=s1gn")
+                    self.send_header("X-Repo-Commit", "0" * 40)
+                    self.send_header("X-Linked-Etag", f'"{entry.sha256}"')
+                    self.send_header("X-Linked-Size", str(size))
+                    self.send_header("ETag", f'"{entry.sha256[:16]}"')
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return self._record(302, 0)
                 start, status = 0, 200
                 rng = self.headers.get("Range")
                 if rng and server.ranges:

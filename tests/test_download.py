@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from agent import config as cfg
 from agent import download as dl
@@ -20,7 +23,7 @@ from agent.model import State
 from agent.observe import observe_one
 from agent.kinds.base import Ctx
 from tests.dlserver import Server, blob
-from tests.helpers import run_cli, write_yaml
+from tests.helpers import run_cli, wait_for, write_yaml
 
 SIZE = 3_000_000
 DATA = blob(SIZE)
@@ -49,7 +52,7 @@ class WS:
 
     def use(self, components: dict) -> None:
         write_yaml(self.config_path, {
-            "comfyui": {"venv": None, "python": os.sys.executable},
+            "comfyui": {"venv": None, "python": sys.executable},
             "defaults": {"retries": 0, "retry_backoff": 0, "timeout": 120},
             "components": components})
 
@@ -163,6 +166,7 @@ def test_wrong_bytes_leave_no_marker_and_no_file(ws, server):
 
 
 def test_a_missing_or_truncated_file_is_downloaded_again(ws, server):
+    server.redirect = True  # the hub answers 302 to its CDN (metadata read from the 302)
     server.add("org/repo/w.safetensors", DATA)
     ws.use({"w": {"kind": "download", "repo": "org/repo", "file": "w.safetensors",
                   "dest": "unet"}})
@@ -180,7 +184,7 @@ def test_a_missing_or_truncated_file_is_downloaded_again(ws, server):
     obs = ws.observe("w")
     assert obs.state == State.BROKEN and f"{SIZE} expected" in obs.reason
     assert ws.install().ok and dest.read_bytes() == DATA
-    assert len(gets(server, "w.safetensors")) == 3
+    assert len(gets(server, "/cdn/org/repo/w.safetensors")) == 3
 
 
 def test_verify_hash_finds_a_corrupt_file_the_cheap_probe_does_not(ws, server):
@@ -199,10 +203,46 @@ def test_verify_hash_finds_a_corrupt_file_the_cheap_probe_does_not(ws, server):
     assert not entry["ok"] and "does not match" in entry["problem"]
 
 
+@pytest.mark.slow  # starts the agent
+def test_the_running_agent_downloads_again_a_missing_file_or_marker(ws, server):
+    server.add("m/a.bin", DATA)
+    ws.use({"m": {"kind": "download", "url": server.url("m/a.bin"), "dest": "vae"}})
+    conf = yaml.safe_load(ws.config_path.read_text())
+    conf.update({"http": {"port": 0}, "health": {"enabled": False},
+                 "agent": {"start_comfyui": False, "reconcile_interval": 1.0, "stop_timeout": 5}})
+    write_yaml(ws.config_path, conf)
+    dest, marker = ws.models / "vae" / "a.bin", ws.root / ".install_markers" / "m.done"
+    out = open(ws.root / "agent.out", "w")
+    agent = subprocess.Popen([sys.executable, "-m", "agent", "run", "-w", str(ws.root), "-c",
+                              str(ws.config_path)], stdout=out, stderr=subprocess.STDOUT,
+                             stdin=subprocess.DEVNULL, start_new_session=True)
+    try:
+        wait_for(marker.exists, 60, what="first download")
+        dest.unlink()  # the file goes: the periodic reconcile's probe sees it
+        wait_for(lambda: len(server.gets("a.bin")) == 2 and dest.exists() and marker.exists(),
+                 60, what="file downloaded again")
+        marker.unlink()  # the marker goes (the file stays): the marker watch asks for it
+        wait_for(lambda: marker.exists() and len(server.gets("a.bin")) == 3, 60,
+                 what="downloaded again, marker rewritten")
+        assert dest.read_bytes() == DATA
+    finally:
+        agent.send_signal(signal.SIGTERM)
+        try:
+            agent.wait(30)
+        finally:
+            if agent.poll() is None:
+                os.killpg(agent.pid, signal.SIGKILL)
+                agent.wait(5)
+            out.close()
+    text = (ws.root / "agent.out").read_text()
+    assert "m: reinstalling (marker present but broken: " in text and "HTTP Request" not in text
+
+
 # ----------------------------------------------------------------------------- tokens, errors
 @pytest.mark.slow
 def test_token_is_sent_but_never_written_and_errors_say_what_to_do(ws, server):
     server.token = TOKEN
+    server.redirect = True  # the hub's 302 to its CDN, another host
     server.add("org/gated/g.bin", DATA[:100_000], gated=True)
     ws.use({"g": {"kind": "download", "repo": "org/gated", "file": "g.bin", "dest": "unet",
                   "token_env": "MY_HUB_VAR", "gated": True},
@@ -216,11 +256,13 @@ def test_token_is_sent_but_never_written_and_errors_say_what_to_do(ws, server):
     assert proc.returncode == 1
     assert "g: failed: token missing or not accepted for org/gated" in proc.stdout
     assert not server.gets("/org/")  # refused at the metadata request: no bytes asked for
-    # the right token: sent, installed
+    # the right token: sent to the hub, installed
+    server.log.clear()
     proc = ws.cli("install", "g", env={**env, "MY_HUB_VAR": TOKEN})
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert {r["auth"] for r in server.log if r["path"].startswith("/org/")} >= \
+    assert {r["auth"] for r in server.log if r["path"].startswith("/org/")} == \
         {f"Bearer {TOKEN}"}
+    assert [r["auth"] for r in server.gets("/cdn/org/gated/g.bin")] == [None]  # not to the CDN
     # 404: the URL
     proc = ws.cli("install", "n", env=env)
     assert f"n: failed: not found (404): {server.url('nothing/here.bin')}" in proc.stdout

@@ -324,7 +324,8 @@ def _keep(item: Item, marker: Marker | None, note: Callable[[str], None]) -> str
         return None
     size, sha = recorded(marker, item)
     actual = item.dest.stat().st_size
-    if size is not None and size == actual and (item.size in (None, actual)):
+    if size is not None and size == actual and (item.size in (None, actual)) \
+            and (not item.sha256 or sha == item.sha256):
         return sha or "-"
     if item.sha256:
         got = dl.sha256_file(item.dest)
