@@ -121,9 +121,9 @@ class Daemon:
             request_reconcile=self._health_reconcile, watcher=self.watcher,
             job_events=lambda: dict(self.job_events),
             reconciles=lambda: [r.last for r in (self.fg, self.bg) if r.last]))
+        self.services = services.for_daemon(self)  # JupyterLab, sshd, ... (agent/services.py)
         self.api = AgentApi(self.view())
         self.health.listeners += [self.api.metrics.on_check, self._on_health]
-        self.services = services.for_daemon(self)  # JupyterLab, sshd, ... (agent/services.py)
         self._schedule_health()
 
     def view(self) -> AgentView:
@@ -139,7 +139,9 @@ class Daemon:
             observer_restarts=lambda: self.watcher.restarts,
             reconciles=lambda: [self.fg.last, self.bg.last],
             http_info=lambda: self.http_info,
-            set_http_info=lambda info: setattr(self, "http_info", info))
+            set_http_info=lambda info: setattr(self, "http_info", info),
+            services=lambda: self.services.snapshot(),
+            services_not_ready=lambda: self.services.not_ready())
 
     def _schedule_health(self) -> None:
         """One APScheduler job per enabled check (and the periodic summary); again on reload."""

@@ -217,6 +217,8 @@ class AgentView:
     reconciles: Callable[[], list]  # the reconcile workers' latest results (dicts or None)
     http_info: Callable[[], Any]
     set_http_info: Callable[[Any], None]
+    services: Callable[[], dict] = dict  # service -> its snapshot (agent/services.py)
+    services_not_ready: Callable[[], Any] = lambda: None  # a required_for_ready one, or None
 
     @classmethod
     def of(cls, agent: Any) -> "AgentView":
@@ -260,6 +262,7 @@ class AgentApi:
             job_events=v.job_events,
             observer_restarts=v.observer_restarts,
             http=lambda: self.server.counts if self.server is not None else {},
+            services=v.services,
         ))
 
     # -------------------------------------------------------------- answers
@@ -289,6 +292,10 @@ class AgentApi:
                                   "ComfyUI is not managed by this agent (--no-comfyui)"
                                   if not self.v.start_comfyui()
                                   else f"ComfyUI is {snap.get('state')}"))
+        waiting = self.v.services_not_ready() if ok else None  # only those required_for_ready
+        if waiting:
+            ok = body["ready"] = False
+            body["reason"] = waiting
         return ok, body
 
     def _collect(self) -> dict:

@@ -36,6 +36,7 @@ class Sources:
     job_events: Callable[[], Mapping[str, int]]
     observer_restarts: Callable[[], int]
     http: Callable[[], Mapping[str, int]] | None = None  # the endpoint's connection counts
+    services: Callable[[], Mapping[str, Mapping[str, Any]]] | None = None  # agent/services.py
 
 
 class _State:
@@ -128,6 +129,12 @@ class _State:
             for result in ("served", "busy", "overdue"):
                 conn.add_metric([result], float(counts.get(result, 0)))
             yield conn
+        if src.services is not None:
+            snapshot = src.services()
+            if snapshot:
+                from agent.services import metric_families
+
+                yield from metric_families(snapshot)
 
 
 class Metrics:

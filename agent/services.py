@@ -527,3 +527,40 @@ def render_lines(services: dict[str, dict] | None) -> list[str]:
             text += f"  ({why})"
         lines.append(text)
     return lines
+
+
+SERVICE_STATES = ("stopped", "starting", "running", "backoff", "stopping", "degraded", "waiting",
+                  "off")
+
+
+def metric_families(snapshot: dict[str, dict]):
+    """/metrics for the services (agent/metrics.py yields these): state, ready, pid, uptime,
+    restarts and the last exit, each labelled by service."""
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    state = GaugeMetricFamily("pod_agent_service_state", "1 for each service's current state.",
+                              labels=["service", "state"])
+    ready = GaugeMetricFamily("pod_agent_service_ready", "1 when the service runs and answers "
+                              "its readiness check.", labels=["service"])
+    pid = GaugeMetricFamily("pod_agent_service_pid", "The service's process id (0: none).",
+                            labels=["service"])
+    uptime = GaugeMetricFamily("pod_agent_service_uptime_seconds", "Seconds since the service "
+                               "started (0 when not running).", labels=["service"])
+    restarts = CounterMetricFamily("pod_agent_service_restarts", "Service (re)starts after the "
+                                   "first.", labels=["service"])
+    last = GaugeMetricFamily("pod_agent_service_last_exit_code", "The exit status of the "
+                             "service's last exit (-N: killed by signal N; absent: none yet).",
+                             labels=["service"])
+    for name, s in snapshot.items():
+        for st in SERVICE_STATES:
+            state.add_metric([name, st], 1.0 if s.get("state") == st else 0.0)
+        ready.add_metric([name], 1.0 if s.get("state") == "running" and s.get("ready") else 0.0)
+        pid.add_metric([name], float(s.get("pid") or 0))
+        uptime.add_metric([name], float(s.get("uptime") or 0))
+        restarts.add_metric([name], float(s.get("restarts") or 0))
+        exit_ = s.get("last_exit") or {}
+        if exit_.get("signal") is not None:
+            last.add_metric([name], -float(exit_["signal"]))
+        elif exit_.get("code") is not None:
+            last.add_metric([name], float(exit_["code"]))
+    return [state, ready, pid, uptime, restarts, last]

@@ -406,6 +406,23 @@ def _with_services(aws, tmp_path, fresh: bool = False) -> dict:
     return {"ports": ports, "hooks": hooks}
 
 
+def endpoint(ws, path: str):
+    """(HTTP status, JSON or text) of the running agent's endpoint."""
+    from tests.helpers import runtime_json
+
+    info = wait_for(lambda: (runtime_json(ws.root, "http.json") or {}).get("port"), 30,
+                    what="http.json")
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{info}{path}", timeout=10) as resp:
+            code, body = resp.status, resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        code, body = exc.code, exc.read().decode()
+    try:
+        return code, json.loads(body)
+    except ValueError:
+        return code, body
+
+
 def services_of(ws) -> dict:
     from tests.helpers import runtime_json
 
@@ -444,6 +461,14 @@ def test_resumed_volume_services_start_first_token_never_shown(aws, tmp_path):
     assert data["services"]["web"]["state"] == "running"
     assert data["services"]["jup"]["ready"] is True
 
+    code, ready = endpoint(aws, "/readyz")  # web is required_for_ready, and serves
+    assert code == 200 and ready["ready"] is True, ready
+    _, metrics = endpoint(aws, "/metrics")
+    assert 'pod_agent_service_state{service="jup",state="running"} 1.0' in metrics
+    assert 'pod_agent_service_ready{service="web"} 1.0' in metrics
+    _, full = endpoint(aws, "/status")
+    assert full["services"]["jup"]["state"] == "running" and SECRET not in json.dumps(full)
+
     pid = services_of(aws)["web"]["pid"]
     proc = run_cli("restart", "web", *aws.args())
     assert proc.returncode == 0 and "restarting now" in proc.stdout, (proc.stdout, proc.stderr)
@@ -473,8 +498,15 @@ def test_resumed_volume_services_start_first_token_never_shown(aws, tmp_path):
 @pytest.mark.slow  # starts the agent
 def test_fresh_volume_services_without_depends_on_start_at_once(aws, tmp_path):
     _with_services(aws, tmp_path)
+    aws.config["services"]["web"]["required_for_ready"] = False
+    aws.config["services"]["gate"] = py("import time; time.sleep(600)", port=free_port(),
+                                        ready="tcp", required_for_ready=True)
+    aws.save()
     agent = aws.start_agent(env={"JUPYTER_PASSWORD": SECRET})
     wait_for(lambda: serving(aws, "jup"), 90, what="jup after its component")
+    wait_for(lambda: running(aws), 90, what="ComfyUI running")
+    code, ready = endpoint(aws, "/readyz")  # ComfyUI serves, but `gate` never answers
+    assert code == 503 and ready["reason"] == "service gate is starting", ready
     log = agent.log()
     web = log.index("service web stopped -> starting")
     assert web < log.index("comfyui_core: installing (no marker)")
