@@ -88,6 +88,8 @@ def install(names: tuple[str, ...], force: bool, json_out: bool, workspace: Opti
 
     conf = load(config, workspace, create=True)
     clean_temps(conf)  # temp files of writes a kill -9 cut short
+    from agent.updates import recover_at_start
+    recover_at_start(conf, err if json_out else out)  # an update cut short: finish or undo it
     printer = _Printer(enabled=not json_out)
     report = Executor(conf, reporter=printer).run(list(names) or None, force=force)
     if json_out:

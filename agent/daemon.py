@@ -658,6 +658,8 @@ class Daemon:
         clean_temps(cfg)  # temp files of writes a kill -9 cut short
         from agent import history
         history.set_actor("agent")  # what this process installs is the agent's (history.jsonl)
+        from agent.updates import recover_at_start
+        recover_at_start(cfg, logger.warning)  # an update a kill -9 cut short: finish or undo
         self._signals()
         services.run_hook("pre_start", cfg.hooks, self.stop_event)  # before anything else
         self._build()

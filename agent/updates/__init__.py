@@ -1,8 +1,32 @@
 """Safe updates with automatic rollback (issue 10). See agent/updates/engine.py for the
 contract of `apply`, `rollback` and `recover`; targets.py plans (the dry run), journal.py keeps
 the write-ahead journal and the restore points, packages.py and git.py do the work, verify.py
-restarts ComfyUI and reads its import results."""
+restarts ComfyUI and reads its import results.
 
-from agent.updates.engine import Change, Report, apply, recover, recover_at_start, rollback
+Importing this package is cheap (the engine is imported on first use): `install` and `run`
+call `recover_at_start` at every start, which costs one stat when no journal was left."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
 
 __all__ = ["Change", "Report", "apply", "recover", "recover_at_start", "rollback"]
+
+
+def recover_at_start(conf, say: Callable[[str], None]) -> None:
+    """For `install` and `run`: finish or undo an update a crash left, saying which; never
+    raises."""
+    if not (Path(conf.state_dir) / "updates" / "journal.json").exists():
+        return
+    from agent.updates import engine
+
+    engine.recover_at_start(conf, say)
+
+
+def __getattr__(name: str) -> Any:
+    if name in __all__:
+        from agent.updates import engine
+
+        return getattr(engine, name)
+    raise AttributeError(name)
