@@ -106,6 +106,7 @@ from loguru import logger
 
 from agent.logpipe import NAME as LOGPIPE_NAME
 from agent.markers import atomic_write, read_json
+from agent.procs import stop_group
 from agent.redact import redact, redact_argv, register, registered
 
 LOG_MAX_BYTES = 20 * 1024 * 1024
@@ -941,13 +942,10 @@ class Service:
             return
         logger.info("Stopping {} pid {} (SIGTERM, SIGKILL after {:g}s)", self.title, pid,
                     timeout)
-        self._signal(signal.SIGTERM)
-        _gone, alive = psutil.wait_procs(members, timeout, callback=self._note_gone)
-        if alive:
-            logger.warning("{} pid {} still running after {:g}s: SIGKILL", self.title, pid,
+        if stop_group(pid, members, timeout, KILL_WAIT, send=self._signal,
+                      on_gone=self._note_gone):
+            logger.warning("{} pid {} was still running after {:g}s: SIGKILL", self.title, pid,
                            timeout)
-            self._signal(signal.SIGKILL)
-            psutil.wait_procs(alive, KILL_WAIT, callback=self._note_gone)
         self._kill_leftovers()
         self._leader_alive()  # reap
         self._record_exit(self._exit_status())

@@ -14,7 +14,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from agent.redact import redact, secrets_in_env
 
@@ -56,16 +56,49 @@ def base_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+def stop_group(pgid: int, members: list, timeout: float, kill_wait: float = KILL_GRACE,
+               send: Callable[[int], None] | None = None,
+               on_gone: Callable[[Any], None] | None = None) -> bool:
+    """The stop ladder: SIGTERM to the process group, wait up to `timeout` for `members` (the
+    psutil.Process objects to wait on: the leader and whatever else counts) with
+    psutil.wait_procs, then SIGKILL to the group and wait up to `kill_wait` more. `send(sig)`
+    replaces os.killpg(pgid, sig); `on_gone(proc)` is called for each member that ended (a
+    child's exit status is in proc.returncode: psutil reaped it). Returns True when SIGKILL was
+    needed."""
+    import psutil
+
+    def killpg(sig: int) -> None:
+        try:
+            os.killpg(pgid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    send = send or killpg
+    send(signal.SIGTERM)
+    _gone, alive = psutil.wait_procs(members, timeout, callback=on_gone)
+    if not alive:
+        return False
+    send(signal.SIGKILL)
+    psutil.wait_procs(alive, kill_wait, callback=on_gone)
+    return True
+
+
 def kill_group(proc: subprocess.Popen, grace: float = KILL_GRACE) -> None:
-    """SIGTERM the process group, SIGKILL it after `grace` seconds."""
+    """SIGTERM the process group, SIGKILL it after `grace` seconds (the stop ladder), then
+    whatever is left in the group."""
+    import psutil
+
     try:
-        os.killpg(proc.pid, signal.SIGTERM)
-    except (ProcessLookupError, PermissionError):
-        return
-    try:
-        proc.wait(grace)
-    except subprocess.TimeoutExpired:
-        pass
+        leader = [psutil.Process(proc.pid)] if proc.poll() is None else []
+    except psutil.Error:
+        leader = []
+
+    def gone(p: Any) -> None:  # psutil reaped our child: its status belongs to the Popen
+        code = getattr(p, "returncode", None)
+        if isinstance(code, int) and proc.returncode is None:
+            proc.returncode = int(code)
+
+    stop_group(proc.pid, leader, grace, grace, on_gone=gone)
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
