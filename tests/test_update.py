@@ -12,8 +12,9 @@ import pytest
 
 from agent import drift, history
 from agent.config import load
-from tests.helpers import ROOT, commit_files, git, installed_dists, run_cli
+from tests.helpers import ROOT, commit_files, git, installed_dists, run_cli, wait_for
 from tests.kit import install, status
+from tests.test_daemon import aws, service  # noqa: F401 - the agent fixture
 
 FAKE = ROOT / "tests" / "fake_comfyui" / "main.py"
 
@@ -192,3 +193,34 @@ def test_local_edits_are_refused_unless_forced_and_never_lost(uws):
     assert "pod-agent update" in git("stash", "list", cwd=node_a)
     git("stash", "pop", cwd=node_a)
     assert "my edit" in (node_a / "requirements.txt").read_text()
+
+
+@pytest.mark.slow  # starts the agent
+def test_updates_through_the_running_agent(aws):
+    """With `pod-agent run` supervising ComfyUI, the restart goes through it (queue-aware) and
+    the new ComfyUI's import summary is judged: a good update stays, a broken node is rolled
+    back and ComfyUI restarted on the old state."""
+    ws = aws
+    for node, module in (("node-a", "podtest_nodea"), ("node-b", "podtest_nodeb")):
+        commit_files(ws.upstreams / node, {"__init__.py": f"import {module}\n"}, "imports")
+    ws.config["comfyui"]["env"]["FAKE_COMFY_LOAD_NODES"] = "1"
+    ws.save()
+    install(ws)
+    ws.start_agent()
+    wait_for(lambda: service(ws).get("state") == "running" and service(ws).get("ready"), 60,
+             what="ComfyUI running")
+    node_a, node_b = (ws.comfyui / "custom_nodes" / n for n in ("node-a", "node-b"))
+    new_a = commit_files(ws.upstreams / "node-a", {"README": "new\n"}, "readme")
+    pid = service(ws)["pid"]
+    proc = update(ws, "node-a", expect=0)
+    assert "restarting ComfyUI through the running agent" in proc.stdout, proc.stdout
+    assert "verified: ComfyUI answers; 3 custom nodes imported" in proc.stdout, proc.stdout
+    assert head(node_a) == new_a and service(ws)["pid"] != pid
+    old_b = head(node_b)
+    commit_files(ws.upstreams / "node-b", {"__init__.py": "import podtest_nodeb\n"
+                                           "raise RuntimeError('broken by upstream')\n"}, "x")
+    proc = update(ws, "node-b", expect=1)
+    assert "import error: node-b: broken by upstream" in proc.stdout, proc.stdout
+    assert head(node_b) == old_b
+    assert "after the rollback: ComfyUI answers; 3 custom nodes imported" in proc.stdout
+    assert service(ws).get("state") == "running"
