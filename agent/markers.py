@@ -63,7 +63,10 @@ def path_for(markers_dir: Path, name: str) -> Path:
 
 def _printable(text: str) -> str:
     """Control characters (NUL included) dropped, bounded: safe on one line of a table."""
-    text = "".join(ch for ch in text[:64 * FIELD_LIMIT] if ch.isprintable() or ch == " ").strip()
+    text = text[:64 * FIELD_LIMIT]
+    if not text.isprintable():  # the common case (every line the agent writes) is one C call
+        text = "".join(ch for ch in text if ch.isprintable() or ch == " ")
+    text = text.strip()
     return text[:FIELD_LIMIT]
 
 
