@@ -224,3 +224,24 @@ def test_updates_through_the_running_agent(aws):
     assert head(node_b) == old_b
     assert "after the rollback: ComfyUI answers; 3 custom nodes imported" in proc.stdout
     assert service(ws).get("state") == "running"
+
+
+@pytest.mark.slow
+def test_a_change_made_elsewhere_can_be_rolled_back(uws):
+    """ComfyUI-Manager's UI pulled a node: recorded as a restore point (record_external), then
+    `rollback` undoes it like an update."""
+    from agent.updates import Change, record_external
+
+    ws = uws
+    node_a = ws.comfyui / "custom_nodes" / "node-a"
+    old = head(node_a)
+    new = commit_files(ws.upstreams / "node-a", {"README": "new\n"}, "readme")
+    git("pull", "-q", "--ff-only", cwd=node_a)
+    assert head(node_a) == new
+    conf = load(ws.config_path, ws.root)
+    point = record_external(conf, [Change("node-a", node_a, old, new, "custom_nodes")],
+                            "ComfyUI-Manager: update node-a")
+    assert history.read(conf, "node-a", kind="external")[-1]["id"] == point
+    proc = run_cli("rollback", "--no-verify", *ws.args())
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert head(node_a) == old and kit_status(ws)["verdict"] == "healthy"

@@ -36,6 +36,10 @@ Public contract (agent/updates/__init__.py re-exports it):
     rollback(conf, to=None, actor="cli", say=None) -> Report: back to a restore point (the
       latest good one by default), the same way (it is itself an update with a restore point).
 
+    record_external(conf, changes, reason, actor="external", before_dists=None) -> id: a restore
+      point (and history records) for changes someone else already made (ComfyUI-Manager's
+      UI), so that `rollback` can undo them.
+
     recover(conf, say=None, restart=False) -> str | None: a journal left by a run that died
       (kill -9, a pod stop) is completed when its verification had passed, otherwise rolled
       back; returns the one line that says which (None: nothing to do).
@@ -495,6 +499,43 @@ def recover_at_start(conf, say: Callable[[str], None]) -> None:
         return
     if line:
         say(line)
+
+
+# ---------------------------------------------------------------------- changes made elsewhere
+def record_external(conf, changes: list[Change], reason: str, actor: str = "external",
+                    before_dists: dict[str, str] | None = None,
+                    before_markers: dict[str, str | None] | None = None) -> str:
+    """A restore point for changes someone else already made (ComfyUI-Manager's UI pulled a
+    node, a snapshot restore): `rollback` can then undo them like an update. before_dists /
+    before_markers: the state before, when the caller knows it (the agent's last dists
+    listing); otherwise the current one (the rollback then leaves packages and markers as they
+    are now). Writes one history record per change. Returns the restore point's id."""
+    j = journal.new("external", reason, actor, str(conf.comfyui.python))
+    j["before"] = {"dists": before_dists if before_dists is not None
+                   else packages.snapshot(conf.comfyui.python),
+                   "markers": before_markers if before_markers is not None
+                   else _marker_texts(conf), "ok": [], "imports": None}
+    j["changes"] = [{"name": c.name, "path": str(c.path), "component": c.component,
+                     "from": c.from_commit, "to": c.to_commit, "count": c.count,
+                     "branch": git.branch(c.path), "moved": True, "stash": None}
+                    for c in changes]
+    for c in changes:
+        if c.from_commit:
+            try:
+                git.keep(c.path, f"restore-{j['id']}", c.from_commit)
+            except AgentError:
+                pass  # the commit is gone already: rollback will say so
+    dest = journal.points_dir(conf) / f"{j['id']}.json"
+    j.update(result="ok", phase="done", finished=j["started"])
+    import json as _json
+
+    markers.atomic_write(dest, _json.dumps(j, indent=1, default=str))
+    journal.prune(conf)
+    for c in changes:
+        history.quietly(conf, "external", component=c.name, frm=short(c.from_commit),
+                        to=short(c.to_commit), result="ok", actor=actor, id=j["id"],
+                        detail=reason)
+    return j["id"]
 
 
 # ---------------------------------------------------------------------- rollback by hand
