@@ -307,6 +307,26 @@ def test_files_download_in_parallel_up_to_the_limit(ws, server):
     assert ws.marker("m").meta["version"] == "3 files, 1.5 MB"
 
 
+def test_progress_lines_say_done_total_speed_and_eta(tmp_path, monkeypatch):
+    """Without a terminal, a line per active file every progress_interval seconds, in the
+    component's log and the progress log."""
+    from types import SimpleNamespace
+
+    from agent.kinds.download import Display
+
+    monkeypatch.setenv("POD_AGENT_PROGRESS", "lines")
+    comp = SimpleNamespace(name="m", log=tmp_path / "m.log")
+    ctx = SimpleNamespace(config=SimpleNamespace(progress_log=tmp_path / "progress.log"))
+    display = Display(comp, ctx, interval=0)
+    display.start("model.bin", 4_000_000_000, 0)
+    display.advance("model.bin", 1_000_000_000)
+    display.end("model.bin")
+    display.close()
+    for log in (comp.log, ctx.config.progress_log):
+        line = log.read_text()
+        assert "m: model.bin: 1.0 GB of 4.0 GB (25 %), " in line and "/s, ETA " in line
+
+
 # ----------------------------------------------------------------------------- folders, config
 def test_model_folders_are_created_and_recreated_and_extra_paths_written(ws):
     ws.use({"model_folders": {"kind": "folders", "extra_model_paths": {
