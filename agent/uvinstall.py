@@ -161,6 +161,17 @@ def split_args(args: Sequence[str]) -> tuple[list[str], list[str], list[str]]:
     return files, specs, options
 
 
+_EXCLUDES: dict[str, bool] = {}
+
+
+def knows_excludes(uv: str) -> bool:
+    """Whether this uv's `pip install` takes --excludes (asked once per binary)."""
+    if uv not in _EXCLUDES:
+        code, out = procs.quick([uv, "pip", "install", "--help"], 30)
+        _EXCLUDES[uv] = code == 0 and "--excludes" in out
+    return _EXCLUDES[uv]
+
+
 def _note(log: Path, text: str) -> None:
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "a", encoding="utf-8") as fh:
@@ -260,6 +271,9 @@ def install(ctx: "Ctx", comp: "Component", args: Sequence[str], title: str) -> s
         files, specs, options = split_args([*args, *extra])
     except UvUnusable as exc:
         return give_up(str(exc))
+    if not knows_excludes(uv):
+        return give_up(f"{uv} is too old for this path (its `pip install` has no --excludes: "
+                       "upgrade uv)")
 
     with tempfile.TemporaryDirectory(prefix="pod-agent-uv-") as tmp:
         work = Path(tmp)
