@@ -297,7 +297,8 @@ def test_restart_policies_and_backoff(tmp_path, managers):
     assert "boom" in Path(crash["log"]).read_text()
     wait_for(lambda: state(m, "once")["last_exit"] and state(m, "never")["last_exit"],
              timeout=30, what="the one-shot services to exit")
-    time.sleep(1.0)  # several backoff periods: neither may start again
+    seen = state(m, "crash")["restarts"]  # two more backoff periods: neither starts again
+    wait_for(lambda: state(m, "crash")["restarts"] >= seen + 2, timeout=30, what="time")
     for name, code in (("once", 0), ("never", 4)):
         entry = state(m, name)
         assert entry["state"] == "stopped" and entry["restarts"] == 0, (name, entry)
@@ -474,6 +475,11 @@ def test_resumed_volume_services_start_first_token_never_shown(aws, tmp_path):
     assert proc.returncode == 0 and "restarting now" in proc.stdout, (proc.stdout, proc.stderr)
     wait_for(lambda: services_of(aws)["web"].get("pid") not in (None, pid)
              and serving(aws, "web"), 60, what="web restarted")
+    from tests.test_daemon import starts
+
+    proc = run_cli("restart", "comfyui", *aws.args())  # queue-aware, through the supervisor
+    assert proc.returncode == 0 and "queue is empty" in proc.stdout, (proc.stdout, proc.stderr)
+    wait_for(lambda: len(starts(aws)) == 2, 60, what="ComfyUI restarted")
     bad = run_cli("restart", "nope", *aws.args())
     assert bad.returncode == 1 and "no such service" in bad.stderr and \
         len(bad.stderr.strip().splitlines()) == 1
@@ -513,7 +519,54 @@ def test_fresh_volume_services_without_depends_on_start_at_once(aws, tmp_path):
     assert "service jup stopped -> starting: components installed: comfyui_core installed" \
         in log, log
     assert web < log.index("service jup stopped -> starting")
-    assert agent.stop(timeout=60) == 0
+    # an agent killed with -9 leaves its services running; the next one adopts them
+    before = {n: services_of(aws)[n]["pid"] for n in ("web", "jup")}
+    agent.proc.kill()
+    agent.proc.wait(30)
+    assert not any(gone(p) for p in before.values())
+    second = aws.start_agent(env={"JUPYTER_PASSWORD": SECRET})
+    wait_for(lambda: all(services_of(aws).get(n, {}).get("adopted") and serving(aws, n)
+                         for n in before), 60, what="the services adopted")
+    assert {n: services_of(aws)[n]["pid"] for n in before} == before
+    assert second.stop(timeout=60) == 0
+    assert all(gone(p) for p in before.values())
+
+
+# --------------------------------------------------------------------------- the commands
+def test_restart_without_a_running_agent_and_logs(tmp_path):
+    import subprocess
+
+    cfg = services_config(tmp_path, {"web": http_server(free_port())})
+    args = ["--workspace", str(cfg.workspace), "--config", str(tmp_path / "config.yaml")]
+    proc = run_cli("restart", "web", *args)
+    assert proc.returncode == 1 and proc.stderr.strip().splitlines() == [
+        f"error: no pod-agent runs for {cfg.workspace} on this host: `pod-agent restart` asks "
+        "the running agent (start it with `pod-agent run`)"], proc.stderr
+    proc = run_cli("logs", "web", *args)
+    assert proc.returncode == 1 and "no log yet" in proc.stderr
+    log = cfg.services["web"].log
+    log.parent.mkdir(parents=True)
+    log.write_text("".join(f"line {i}\n" for i in range(100)) + "token=abcdef123456\n")
+    proc = run_cli("logs", "web", "-n", "3", *args)
+    assert proc.stdout.splitlines() == ["line 98", "line 99", "token=***"], proc.stdout
+    follow = subprocess.Popen([sys.executable, "-m", "agent", "logs", "web", "-f", "-n", "1",
+                               *args], stdout=subprocess.PIPE, text=True)
+    try:
+        seen: list[str] = []
+        reader = threading.Thread(target=lambda: seen.extend(iter(follow.stdout.readline, "")),
+                                  daemon=True)
+        reader.start()
+        wait_for(lambda: "token=***\n" in seen, 30, what="the last line first")
+        with open(log, "a") as fh:
+            fh.write("appended\n")
+        wait_for(lambda: "appended\n" in seen, 30, what="-f to print the new line")
+        log.write_text("after rotation\n")  # truncated (copytruncate): from the start
+        wait_for(lambda: "after rotation\n" in seen, 30, what="-f after a rotation")
+        assert seen == ["token=***\n", "appended\n", "after rotation\n"], seen
+    finally:
+        follow.terminate()
+        follow.wait(10)
+        follow.stdout.close()
 
 
 # --------------------------------------------------------------------------- real JupyterLab
