@@ -368,12 +368,16 @@ class Manager:
 
         from agent.markers import atomic_write
 
+        if not self.config.services:
+            return
         snap = self.snapshot()
         comparable = {n: {k: v for k, v in e.items() if k not in ("uptime", "next_start_in")}
                       for n, e in snap.items()}
         now = time.monotonic()
-        if not force and comparable == self._last_written \
-                and now - self._last_write < STATE_REFRESH:
+        # on a change; else every STATE_REFRESH s while something runs (its uptime), or never
+        if not force and comparable == self._last_written and (
+                now - self._last_write < STATE_REFRESH
+                or not any(e.get("pid") for e in snap.values())):
             return
         self._last_written, self._last_write = comparable, now
         data = {"pid": os.getpid(), "time": time.time(), "services": snap}

@@ -532,6 +532,29 @@ def test_fresh_volume_services_without_depends_on_start_at_once(aws, tmp_path):
     assert all(gone(p) for p in before.values())
 
 
+@pytest.mark.slow  # real processes
+def test_reload_restarts_changed_starts_new_stops_removed(tmp_path, managers):
+    import dataclasses
+
+    cfg = services_config(tmp_path, {"keep": py("import time; time.sleep(600)"),
+                                     "change": py("import time; time.sleep(600)"),
+                                     "drop": py("import time; time.sleep(600)")})
+    m = managers(cfg)
+    m.start()
+    wait_for(lambda: all(state(m, n)["state"] == "running" for n in ("keep", "change", "drop")),
+             timeout=30, what="three services running")
+    pids = {n: state(m, n)["pid"] for n in ("keep", "change", "drop")}
+    new = dict(cfg.services)
+    new["change"] = dataclasses.replace(new["change"], env={"NEW": "1"})
+    del new["drop"]
+    new["added"] = dataclasses.replace(new["keep"], name="added", log=tmp_path / "added.log")
+    m.reload(dataclasses.replace(cfg, services=new))
+    wait_for(lambda: state(m, "added")["state"] == "running" and state(m, "change")["pid"]
+             not in (None, pids["change"]), timeout=30, what="reload applied")
+    assert state(m, "keep")["pid"] == pids["keep"] and "drop" not in m.snapshot()
+    assert gone(pids["drop"]) and gone(pids["change"])
+
+
 # --------------------------------------------------------------------------- the commands
 def test_restart_without_a_running_agent_and_logs(tmp_path):
     import subprocess
