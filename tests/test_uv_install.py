@@ -91,6 +91,7 @@ def test_a_requirement_conflicting_with_the_image_fails_under_uv_and_uses_pip_un
             "installing with pip") in log
 
 
+@pytest.mark.slow
 def test_without_uv_pip_installs_and_says_so(tmp_path, image, monkeypatch):
     from agent import config as config_mod, uvinstall
     from agent.kinds.base import Ctx
