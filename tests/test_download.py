@@ -367,6 +367,8 @@ def test_flux_preset_loads_and_skips_dev_without_a_token(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("body, problem", [
     ({"url": "ftp://x/y.bin", "dest": "vae"}, "'url' must be an https://"),
+    ({"url": "https://[::1/y.bin", "dest": "vae"}, "'url' must be an https://"),
+    ({"url": "https://x/y.bin", "dest": "vae", "size": -1}, "'size' must be a whole number"),
     ({"repo": "noslash", "file": "a.bin", "dest": "vae"}, "'repo' must be a Hugging Face"),
     ({"url": "https://x/y.bin"}, "missing 'dest'"),
     ({"url": "https://x/y.bin", "dest": "vae", "sha256": "abc"}, "64 hex digits"),

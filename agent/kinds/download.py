@@ -17,6 +17,7 @@ import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping
+from urllib.parse import unquote, urlsplit
 
 from agent import download as dl  # attributes read at call time: agent.download imports
 # agent.kinds.base, which imports this package (a cycle at import time otherwise)
@@ -34,7 +35,7 @@ FIELDS = {
     "dest": ("opt_str", None),
     "filename": ("opt_str", None),
     "sha256": ("opt_str", None),
-    "size": ("opt_int", None),
+    "size": ("any", None),  # checked here: a model has more bytes than the generic limit
     "token_env": ("opt_str", None),
     "gated": ("bool", False),
     "files": ("any", None),
@@ -73,9 +74,15 @@ def _item(raw: Mapping[str, Any], where: str, key: str, index: int | None,
     if bool(url) == bool(repo or file):
         raise _bad(f"{where}give either 'url' or 'repo' and 'file' (a Hugging Face file)",
                    key if index is not None else ("url" if url else "repo"), index)
-    if url and not url.lower().startswith(("https://", "http://")):
-        raise _bad(f"{where}'url' must be an https:// (or http://) URL, got {url[:60]!r}",
-                   key if index is not None else "url", index)
+    if url:
+        try:
+            parts = urlsplit(url)
+            host = parts.hostname
+        except ValueError:
+            parts, host = None, None
+        if parts is None or parts.scheme.lower() not in ("https", "http") or not host:
+            raise _bad(f"{where}'url' must be an https:// (or http://) URL, got {url[:60]!r}",
+                       key if index is not None else "url", index)
     if repo is not None or file is not None:
         if not repo or not _REPO_RE.fullmatch(repo):
             raise _bad(f"{where}'repo' must be a Hugging Face repo id such as 'owner/name', "
@@ -101,8 +108,8 @@ def _item(raw: Mapping[str, Any], where: str, key: str, index: int | None,
         raise _bad(f"{where}'gated' must be true or false", key if index is not None
                    else "gated", index)
     name = text("filename") or (file.rsplit("/", 1)[-1] if file else
-                                (url or "").split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1])
-    if not name or "/" in name or name in (".", ".."):
+                                unquote(urlsplit(url or "").path).rsplit("/", 1)[-1])
+    if not name or "/" in name or name in (".", "..") or "\0" in name:
         raise _bad(f"{where}cannot tell the file name from the URL: set 'filename'",
                    key if index is not None else "filename", index)
     dest = text("dest")
@@ -113,6 +120,14 @@ def _item(raw: Mapping[str, Any], where: str, key: str, index: int | None,
     folder = Path(dest).expanduser()
     if not folder.is_absolute():
         folder = Path(expand("{comfyui}")) / "models" / folder
+    from agent.config import _path_problem  # the loader's own path limits
+    from agent.redact import register, secrets_in_text
+
+    register(*secrets_in_text(url or ""))  # user:password@, ?token=...: masked everywhere
+
+    problem = _path_problem(str(folder / name))
+    if problem:
+        raise _bad(f"{where}'dest': {problem}", key if index is not None else "dest", index)
     revision = text("revision") or "main"
     if token_env:
         dl.Item(folder / name, token_env=token_env).token()  # registered as a secret now
