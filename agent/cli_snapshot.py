@@ -53,19 +53,23 @@ def save(path: Optional[Path], json_out: bool, workspace, config) -> None:
                    "does not list.")
 @click.option("--pips", is_flag=True, help="Also install the snapshot's Python packages.")
 @click.option("--dry-run", is_flag=True, help="Show what would change; change nothing.")
+@click.option("--no-verify", is_flag=True,
+              help="Do not restart ComfyUI to check that every node still imports.")
 @click.option("--registry", metavar="<url>", default=None,
               help="The Comfy Registry API for registry nodes (default: the comfyui_manager "
                    "component's `registry`, env POD_AGENT_REGISTRY_URL, https://api.comfy.org).")
 @clikit.json_option
 @clikit.common
 @clikit.handled
-def restore(path: Path, prune: bool, pips: bool, dry_run: bool, registry: Optional[str],
-            json_out: bool, workspace, config) -> None:
+def restore(path: Path, prune: bool, pips: bool, dry_run: bool, no_verify: bool,
+            registry: Optional[str], json_out: bool, workspace, config) -> None:
     """Make the custom nodes match a ComfyUI-Manager snapshot (.json or .yaml).
 
     Every git node at its commit, disabled ones in custom_nodes/.disabled, registry nodes from
     the Comfy Registry; nodes the snapshot does not list are left alone unless --prune.
-    Every node that could not be restored is named with the reason, and the exit status is 1.
+    Like an update: a restore point first, ComfyUI restarted and checked (every node that
+    imported before still imports), everything undone when that fails. Every node that could
+    not be restored is named with the reason, and the exit status is 1.
     """
     from agent import snapshot as snapmod
 
@@ -91,7 +95,8 @@ def restore(path: Path, prune: bool, pips: bool, dry_run: bool, registry: Option
                        "changed)")
         raise clikit.Exit(1 if plan.failures else 0)
     outcome = snapmod.restore_cli(conf, snap, path, prune=prune, pips=pips, registry=registry,
-                                  progress=None if json_out else clikit.out)
+                                  progress=None if json_out else clikit.out,
+                                  verify=not no_verify)
     plan, result = outcome["plan"], outcome["result"]
     if json_out:
         clikit.out(json.dumps({"ok": result.ok, "done": result.done,
@@ -105,7 +110,14 @@ def restore(path: Path, prune: bool, pips: bool, dry_run: bool, registry: Option
             clikit.err(f"FAILED {n}: {r}")
         extra = outcome.get("message")
         if extra:
-            clikit.out(extra)
+            clikit.err(extra)
+        if outcome.get("verification"):
+            clikit.out(f"verified: {outcome['verification']}")
+        report = outcome.get("report")
+        if report is not None and report.verification and report.ok:
+            clikit.out(f"verified: {report.verification}")
+        if outcome.get("rolled_back"):
+            clikit.out("rolled back: the restore was undone (checkouts, folders, packages)")
         clikit.out(f"{len(result.done)} change(s) made, {plan.unchanged} already as in the "
                    f"snapshot, {len(result.failed)} could not be restored")
     if not result.ok:

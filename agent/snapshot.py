@@ -562,6 +562,9 @@ class Result:
     done: list[str] = field(default_factory=list)
     failed: list[tuple[str, str]] = field(default_factory=list)
     touched: list[Path] = field(default_factory=list)  # enabled node folders it changed
+    # how to undo what was done, in order: ("aside", path, None) moves a folder it made to
+    # .disabled (never deleted); ("move", now, before) moves a folder or file back
+    undo: list[tuple[str, Path, Path | None]] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -673,7 +676,8 @@ def _extract(archive: Path, dest: Path) -> list[str]:
 
 
 def _cnr_install(comp: Component, ctx, registry: str, node_id: str, version: str,
-                 old: Path | None, root: Path | None = None) -> None:
+                 old: Path | None, root: Path | None = None,
+                 undo: list | None = None) -> None:
     """The Manager's registry install: GET {registry}/nodes/{id}/install?version=V gives a
     downloadUrl to a zip, extracted into custom_nodes/{id} with a .tracking file; then the
     node's requirements and install.py. A previous version goes to .disabled/{id}@{ver}."""
@@ -717,10 +721,14 @@ def _cnr_install(comp: Component, ctx, registry: str, node_id: str, version: str
         dest = root / node_id
         if old is not None and old.exists():
             was = (cnr_info(old) or ("", "unknown"))[1]
-            _move_to_disabled(old, f"{node_id}@{was.replace('.', '_')}")
+            aside = _move_to_disabled(old, f"{node_id}@{was.replace('.', '_')}")
+            if undo is not None:
+                undo.append(("move", aside, old))
         if dest.exists():
             raise InstallError(f"{label}: {dest} exists: not replaced")
         os.replace(tmp_dir, dest)
+        if undo is not None:
+            undo.append(("aside", dest, None))
     finally:
         tmp_zip.unlink(missing_ok=True)
         shutil.rmtree(tmp_dir, ignore_errors=True)
@@ -754,6 +762,7 @@ def execute(config: Config, the_plan: Plan, registry: str | None = None,
                 gitops.ensure_checkout(comp, ctx, ch.url or "", dest, ch.commit, None, False,
                                        ch.name)
                 if not ch.disabled:
+                    result.undo.append(("aside", dest, None))
                     result.touched.append(dest)
                     gitops.install_deps(comp, ctx, dest, ch.name)
             elif ch.action == "checkout":
@@ -764,24 +773,30 @@ def execute(config: Config, the_plan: Plan, registry: str | None = None,
                     gitops.install_deps(comp, ctx, ch.path, ch.name)
             elif ch.action == "disable":
                 assert ch.path is not None
-                _move_to_disabled(ch.path)
+                result.undo.append(("move", _move_to_disabled(ch.path), ch.path))
             elif ch.action == "enable":
                 assert ch.path is not None
                 dest = root / ch.name
                 if dest.exists():
                     raise InstallError(f"{ch.name}: cannot enable, {dest} exists")
                 ch.path.rename(dest)
+                result.undo.append(("move", dest, ch.path))
                 result.touched.append(dest)
                 gitops.install_deps(comp, ctx, dest, ch.name)
             elif ch.action in ("cnr-install", "cnr-switch"):
                 result.touched.append(root / (ch.cnr_id or ""))
-                _cnr_install(comp, ctx, reg, ch.cnr_id or "", ch.version or "", ch.path)
+                _cnr_install(comp, ctx, reg, ch.cnr_id or "", ch.version or "", ch.path,
+                             undo=result.undo)
             elif ch.action == "file-disable":
                 assert ch.path is not None
                 ch.path.rename(ch.path.with_name(ch.path.name + ".disabled"))
+                result.undo.append(("move", ch.path.with_name(ch.path.name + ".disabled"),
+                                    ch.path))
             elif ch.action == "file-enable":
                 assert ch.path is not None
                 ch.path.rename(ch.path.with_name(ch.path.name[:-len(".disabled")]))
+                result.undo.append(("move", ch.path.with_name(ch.path.name[:-len(".disabled")]),
+                                    ch.path))
             elif ch.action == "pips":
                 _install_pips(comp, ctx, ch.specs, result)
                 continue
@@ -840,37 +855,196 @@ def restore(config: Config, snap: dict[str, Any], prune: bool = False, pips: boo
 
 
 def restore_cli(config: Config, snap: dict[str, Any], source: Path, prune: bool = False,
-                pips: bool = False, registry: str | None = None, progress=None) -> dict[str, Any]:
-    """`snapshot restore`: under the lock the agent's own node installs take (no two writers
-    in custom_nodes), then one history record naming what was done and what failed."""
-    from agent import history
-    from agent.locks import Lock
+                pips: bool = False, registry: str | None = None, progress=None,
+                verify: bool = True) -> dict[str, Any]:
+    """`snapshot restore`: a restore is an update like any other.
 
+    1. the packages and ComfyUI's latest imports are recorded, and the commits the existing
+       checkouts need are fetched (nothing visible changes);
+    2. clones, enables, disables, registry nodes, files and packages are done one node at a
+       time under the lock the agent's own node installs take; each keeps its undo;
+    3. the commit moves of existing checkouts go through the update engine
+       (agent/updates `apply`: restore point, journal, requirements, ComfyUI restarted and every
+       node that imported before still imports, rolled back by itself on failure); without
+       such moves, ComfyUI is restarted and checked the same way (`verify=False` skips it);
+    4. when that check fails, everything of step 2 is undone too (new folders go to
+       .disabled, moved ones back, packages to the recorded versions).
+    A node that could not be restored is a failure of its own (named with its reason), not a
+    reason to undo the others. One history record says what was done, failed, rolled back."""
+    from agent.kinds.base import InstallError
+    from agent.locks import Lock
+    from agent.updates import engine
+    from agent.updates import git as ugit
+    from agent.updates import packages
+    from agent.updates import verify as checks
+    from agent.usernodes import managed, remember
+
+    say = progress or (lambda text: None)
+    reason = f"snapshot restore {source}"
+    the_plan = plan(config, snap, prune=prune, pips=pips)
+    result = Result(failed=list(the_plan.failures))
+    out: dict[str, Any] = {"plan": the_plan, "result": result, "rolled_back": False}
+    if not the_plan.changes:
+        _restore_history(config, source, result, out)
+        return out
+    checkouts = [c for c in the_plan.changes if c.action == "checkout"]
+    others = Plan(changes=[c for c in the_plan.changes if c.action != "checkout"])
+    before = packages.snapshot(config.comfyui.python)  # AgentError: before anything changed
+    baseline = checks.baseline(config)
+    # 1. the commits the checkouts need (objects only)
+    comp = pseudo_component(config)
+    comp.log.parent.mkdir(parents=True, exist_ok=True)
+    from agent.kinds.base import Ctx
+
+    ctx = Ctx(config)
+    ready: list[Change] = []
+    for ch in checkouts:
+        assert ch.path is not None
+        try:
+            edits = ugit.dirty(ch.path)
+            if edits:
+                raise InstallError(f"has local changes ({', '.join(edits[:3])}): not checked "
+                                   "out (commit or stash them first)")
+            _fetch_commit(comp, ctx, ch.path, ch.url or "", ch.commit or "", ch.name)
+            ready.append(ch)
+        except (InstallError, AgentError) as exc:
+            why = str(exc)
+            last = _git_error(comp.log) if "git " in why else ""
+            why = why[len(ch.name) + 2:] if why.startswith(f"{ch.name}: ") else why
+            result.failed.append((ch.name, why + (f": {last}" if last else "")))
+    # 2. everything else, node by node
     lock = Lock(config.state_dir / "locks" / "user_nodes.lock")
     if not lock.acquire(600):
-        raise AgentError("another install holds the custom nodes' lock "
-                         f"({lock.path}); try again when it is done")
+        raise AgentError(f"another install holds the custom nodes' lock ({lock.path}); try "
+                         "again when it is done")
     with lock:
-        the_plan, result = restore(config, snap, prune=prune, pips=pips, registry=registry,
-                                   progress=progress)
+        step = execute(config, others, registry, say)
         try:  # the agent's user-node pass must not take these for changes made by others
-            from agent.usernodes import remember
-
-            remember(config, result.touched)
+            remember(config, step.touched)
         except OSError:
             pass
+    result.done += step.done
+    result.failed += step.failed
+    result.undo += step.undo
+    # 3. the commit moves as an update, or the same check of ComfyUI
+    problem = None
+    if ready:
+        owners = {p: c.name for c in config.components.values() for p in _component_paths(c)}
+        changes = [engine.Change(name=c.name, path=c.path, from_commit=c.before,
+                                 to_commit=c.commit or "", component=owners.get(
+                                     c.path.absolute())) for c in ready if c.path]
+        try:
+            report = engine.apply(config, changes, reason, "cli", say=say,
+                                  verify_comfyui=verify)
+        except AgentError as exc:  # refused before it changed anything
+            report = None
+            problem = str(exc)
+        if report is not None:
+            out["report"] = report
+            if report.ok:
+                result.done += [c.text() for c in ready]
+            else:
+                problem = "; ".join(report.failed) or "the update failed"
+                out["rolled_back"] = True
+    elif verify and (step.done or step.undo):
+        names = {p.name for _, p, _ in step.undo} | {c.name for c in others.changes}
+        check = checks.restart_and_check(config, reason, names, False, say, before=baseline)
+        out["verification"] = check.detail
+        if not check.ok:
+            problem = check.detail
+    # 4. undo the rest when the check failed
+    if problem:
+        result.failed.append(("verification", problem))
+        say(f"failed: {problem}; undoing the restore")
+        undo_problems = undo(config, result.undo, say)
+        try:
+            done, pkg_problems = packages.restore(config, before, comp.log)
+            say(f"packages: {done}")
+            undo_problems += pkg_problems
+        except AgentError as exc:
+            undo_problems.append(str(exc))
+        out["rolled_back"] = True
+        out["undo_problems"] = undo_problems
+        result.failed += [("undo", p) for p in undo_problems]
+        result.done = []
+    _restore_history(config, source, result, out)
+    return out
+
+
+def _component_paths(comp: Component) -> list[Path]:
+    if comp.kind in ("git", "manager") and comp.spec.get("dest"):
+        return [Path(comp.spec["dest"]).absolute()]
+    if comp.kind == "nodes":
+        return [(comp.spec["dest"] / n["name"]).absolute() for n in comp.spec["nodes"]]
+    return []
+
+
+def _fetch_commit(comp: Component, ctx, path: Path, url: str, commit: str, label: str) -> None:
+    """Make commit present in the checkout (branches first, then the commit itself)."""
+    from agent.kinds import gitops
+    from agent.kinds.base import InstallError
+
+    if gitops._has_commit(comp, ctx, path, commit):
+        return
+    fetch_url, auth, env = gitops.credentials(url)
+    try:
+        ctx.git(comp, auth + ["fetch", "--no-progress", "--tags", fetch_url,
+                              "+refs/heads/*:refs/remotes/origin/*"],
+                f"{label}: git fetch", cwd=path, env=env)
+    except InstallError:
+        pass
+    if not gitops._has_commit(comp, ctx, path, commit):
+        ctx.git(comp, auth + ["fetch", "--no-progress", fetch_url, commit],
+                f"{label}: git fetch {commit[:12]}", cwd=path, env=env)
+
+
+def undo(config: Config, steps: list[tuple[str, Path, Path | None]], say) -> list[str]:
+    """Undo a restore's folder changes, newest first; what could not be undone."""
+    from agent.usernodes import remember
+
+    problems: list[str] = []
+    touched: list[Path] = []
+    for action, path, back in reversed(steps):
+        try:
+            if action == "aside":
+                if path.exists():
+                    where = _move_to_disabled(path)
+                    say(f"{path.name}: moved to {where} (undone)")
+                    touched.append(path)
+            elif back is not None:
+                if back.exists():
+                    problems.append(f"{back} exists: {path} not moved back")
+                    continue
+                path.rename(back)
+                say(f"{back.name}: back in {back.parent} (undone)")
+                touched += [path, back]
+        except OSError as exc:
+            from agent.fserr import explain
+
+            problems.append(f"{path}: {explain(exc)}")
+    try:
+        remember(config, touched)
+    except OSError:
+        pass
+    return problems
+
+
+def _restore_history(config: Config, source: Path, result: Result, out: dict) -> None:
+    from agent import history
+
     detail = f"{len(result.done)} change(s) from {source}"
+    if out.get("rolled_back"):
+        detail += "; rolled back"
     if result.failed:
         detail += "; failed: " + ", ".join(n for n, _ in result.failed[:5]) + (
             f" (+{len(result.failed) - 5} more)" if len(result.failed) > 5 else "")
     warn = history.quietly(config, history.event(
-        "restore", "custom_nodes", result="ok" if result.ok else "failed", detail=detail,
-        snapshot=str(source), changes=result.done,
+        "restore", "custom_nodes",
+        result="rolled back" if out.get("rolled_back") else "ok" if result.ok else "failed",
+        detail=detail, snapshot=str(source), changes=result.done,
         failed=[{"name": n, "reason": r} for n, r in result.failed]))
-    out: dict[str, Any] = {"plan": the_plan, "result": result}
     if warn:
         out["message"] = f"warning: {warn}"
-    return out
 
 
 # --------------------------------------------------------------------------- config: `snapshot:`

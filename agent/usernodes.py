@@ -126,7 +126,10 @@ def remember(config: Config, paths) -> None:
     state = _load(config)
     for path in paths:
         path = Path(path)
-        if path.parent != custom_nodes_dir(config) or not path.is_dir():
+        if path.parent != custom_nodes_dir(config):
+            continue
+        if not path.is_dir():  # moved away by the agent (an undone restore)
+            state.pop(path.name, None)
             continue
         state[path.name] = {"commit": gitops.head(path), "deps": gitops.deps_digest(path)}
     atomic_write(_state_path(config), json.dumps(state, indent=1))

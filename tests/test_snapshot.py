@@ -199,7 +199,7 @@ def test_json_fixture_restore_names_what_failed_and_restores_the_rest(ws, gh, re
     (nodes / "podtest_single.py").write_text("# a single-file node\n")
     (nodes / "Unlisted").mkdir()  # not in the snapshot, no --prune: left alone
     proc = run_cli("snapshot", "restore", str(FIXTURES / "manager_snapshot.json"),
-                   "--registry", url, *ws.args())
+                   "--registry", url, "--no-verify", *ws.args())
     assert proc.returncode == 1, (proc.stdout, proc.stderr)
     failed = [ln for ln in proc.stderr.splitlines() if ln.startswith("FAILED")]
     assert len(failed) == 2, proc.stderr
@@ -242,7 +242,7 @@ def test_yaml_fixture_restore_with_prune_and_pips(ws, gh, registry):
     git("clone", "-q", GH + "ComfyUI-NodeC", str(nodes / ".disabled" / "ComfyUI-NodeC"))
     git("clone", "-q", GH + "ComfyUI-NodeB", str(nodes / "ComfyUI-NodeB"))  # unlisted
     proc = run_cli("snapshot", "restore", str(FIXTURES / "manager_snapshot.yaml"), "--prune",
-                   "--pips", "--registry", url, *ws.args())
+                   "--pips", "--registry", url, "--no-verify", *ws.args())
     assert proc.returncode == 0, (proc.stdout, proc.stderr)
     assert _head(nodes / "ComfyUI-NodeA") == A2
     assert _head(nodes / "ComfyUI-NodeC") == C1  # enabled again
@@ -292,7 +292,7 @@ def test_save_then_restore_on_an_empty_workspace_gives_the_same_nodes(ws, gh, re
     empty = tmp_path / "ws2"
     empty.mkdir()
     args = ["--workspace", str(empty), "--config", str(ws.config_path)]
-    proc = run_cli("snapshot", "restore", str(path), "--registry", url, *args)
+    proc = run_cli("snapshot", "restore", str(path), "--registry", url, "--no-verify", *args)
     assert proc.returncode == 0, (proc.stdout, proc.stderr)
     again, _ = snapmod.current(load(ws.config_path, empty), pips=False)
     assert again["git_custom_nodes"] == snap["git_custom_nodes"]
@@ -330,3 +330,49 @@ def test_config_snapshot_is_a_source_of_the_custom_node_list(ws, gh, registry, m
     proc = run_cli("status", *ws.args())
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert str(ws.root / "no-such-snapshot.json") in proc.stderr and "not found" in proc.stderr
+
+
+@pytest.mark.slow
+def test_a_restore_that_breaks_an_import_is_undone(ws, gh, registry):
+    """A restore is an update: ComfyUI (the fake, importing its custom nodes) is started to
+    check it; a node that no longer imports undoes the whole restore: the checkout back, the
+    new clone moved to .disabled, the packages it brought removed."""
+    import socket
+
+    from tests.helpers import commit_files, installed_dists, make_repo
+    from tests.kit import install
+
+    fake = Path(__file__).parent / "fake_comfyui" / "main.py"
+    commit_files(ws.upstreams / "ComfyUI", {"main.py": fake.read_text()}, "fake server")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ws.config["comfyui"].update({"args": ["--listen", "127.0.0.1", "--port", str(port)],
+                                 "port": port, "env": {"FAKE_COMFY_LOAD_NODES": "1"}})
+    ws.config["components"] = {"comfyui_core": ws.config["components"]["comfyui_core"]}
+    ws.save()
+    install(ws)
+    up = ws.upstreams / "Breaker"
+    make_repo(up, {"__init__.py": "NODE_CLASS_MAPPINGS = {}\n"})
+    good = git("rev-parse", "HEAD", cwd=up)
+    bad = commit_files(up, {"__init__.py": "raise ImportError('broken on purpose')\n"})
+    nodes = _nodes(ws)
+    git("clone", "-q", up.as_uri(), str(nodes / "Breaker"))
+    git("checkout", "-q", "--detach", good, cwd=nodes / "Breaker")
+    snap = tmp = ws.root / "restore.json"
+    snapmod.dump({"comfyui": None, "file_custom_nodes": [], "cnr_custom_nodes": {}, "pips": {},
+                  "git_custom_nodes": {up.as_uri(): {"hash": bad, "disabled": False},
+                                       GH + "ComfyUI-NodeC": {"hash": C1, "disabled": False}}},
+                 snap)
+    assert "podtest-nodeb" not in installed_dists(ws.python)
+    proc = run_cli("snapshot", "restore", str(tmp), "--registry", registry[0], *ws.args())
+    assert proc.returncode == 1, (proc.stdout, proc.stderr)
+    assert "broken on purpose" in proc.stdout + proc.stderr
+    assert "rolled back" in proc.stdout
+    assert _head(nodes / "Breaker") == good
+    assert not (nodes / "ComfyUI-NodeC").exists()
+    assert _head(nodes / ".disabled" / "ComfyUI-NodeC") == C1  # set aside, not deleted
+    assert "podtest-nodeb" not in installed_dists(ws.python)
+    from agent import history
+    rec = history.read(load(ws.config_path, ws.root), kind="restore")[-1]
+    assert rec["result"] == "rolled back", rec
