@@ -318,5 +318,5 @@ def install(ctx: "Ctx", comp: "Component", args: Sequence[str], title: str) -> s
                                                 else "")
         run([uv, "pip", "uninstall", "--python", str(python), *dups],
             f"{title} (uv: remove what shadows the image's packages)")
-        return give_up(f"uv installed into the venv what it inherits: {shown}; removed")
+        return give_up(f"it put into the venv what the venv inherits: {shown}; removed")
     return "uv+pins"
