@@ -201,6 +201,13 @@ def test_verify_hash_finds_a_corrupt_file_the_cheap_probe_does_not(ws, server):
     assert proc.returncode == 1
     (entry,) = json.loads(proc.stdout)["files"]
     assert not entry["ok"] and "does not match" in entry["problem"]
+    assert "pod-agent install --force m" in entry["problem"]
+    assert ws.install().ok and len(server.gets("a.bin")) == 1  # the probe passes: kept
+    proc = ws.cli("install", "--force", "m")  # re-hashed: the bad file is downloaded again
+    assert proc.returncode == 0 and len(server.gets("a.bin")) == 2, proc.stdout + proc.stderr
+    assert (ws.models / "loras" / "a.bin").read_bytes() == DATA
+    assert ws.cli("install", "--force", "m").returncode == 0  # intact: re-hashed, kept
+    assert len(server.gets("a.bin")) == 2
 
 
 @pytest.mark.slow  # starts the agent

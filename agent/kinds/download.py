@@ -330,24 +330,28 @@ class Display:
 
 
 # --------------------------------------------------------------------------- install
-def _keep(item: Item, marker: Marker | None, note: Callable[[str], None]) -> str | None:
+def _keep(item: Item, marker: Marker | None, note: Callable[[str], None],
+          verify: bool = False) -> str | None:
     """The sha256 of a file already in place that can be kept, or None to download it.
     A file the previous marker recorded with this size is kept as it is (it was verified when
-    it was downloaded); a file put there otherwise is kept when its hash (or, without one, its
-    size) matches."""
+    it was downloaded), unless `verify` (a forced reinstall: its hash is checked again); a file
+    put there otherwise is kept when its hash (or, without one, its size) matches."""
     if not item.dest.is_file():
         return None
     size, sha = recorded(marker, item)
     actual = item.dest.stat().st_size
     if size is not None and size == actual and (item.size in (None, actual)) \
-            and (not item.sha256 or sha == item.sha256):
+            and (not item.sha256 or sha == item.sha256) and not verify:
         return sha or "-"
-    if item.sha256:
+    expected = item.sha256 or (sha if verify and sha and sha != "-" else None)
+    if expected:
         got = dl.sha256_file(item.dest)
-        if got == item.sha256:
+        if got == expected:
             note(f"{item.dest.name}: already in place (sha256 verified)")
             return got
         note(f"{item.dest.name}: in place but its sha256 does not match: downloading it again")
+        return None
+    if verify:
         return None
     if item.size is not None and item.size == actual:
         note(f"{item.dest.name}: already in place ({dl.human(actual)}; no sha256 to verify)")
@@ -359,9 +363,15 @@ def install(comp: Component, ctx: Ctx, marker: Marker | None = None) -> dict[str
     display = Display(comp, ctx, comp.spec["progress_interval"])
     meta: dict[str, str] = {}
     todo: list[Item] = []
+    # called while the marker is still on disk: a forced reinstall (`install --force`; the
+    # executor removes the marker of a component that is not installed before reinstalling it)
+    from agent import markers
+
+    forced = marker is not None and markers.path_for(ctx.config.markers_dir,
+                                                     comp.name).exists()
     try:
         for it in items(comp):
-            kept = _keep(it, marker, display.note)
+            kept = _keep(it, marker, display.note, verify=forced)
             if kept is not None:
                 meta[record_key(it)] = f"{it.dest.stat().st_size} {kept}"
             else:
