@@ -323,12 +323,22 @@ def test_a_service_ignoring_sigterm_is_killed_after_its_stop_timeout(tmp_path, m
 
 def test_a_service_with_depends_on_waits_for_its_component(tmp_path, managers):
     port = free_port()
-    cfg = services_config(tmp_path, {"web": http_server(port, depends_on=["core"]),
-                                     "now": py("import time; time.sleep(600)")})
+    cfg = services_config(tmp_path, {
+        "web": http_server(port, depends_on=["core"]),
+        # sshd as built in, but a stand-in command: no real sshd needed
+        "sshd": py("import time; time.sleep(600)", enabled="auto", auto_env=["PUBLIC_KEY"],
+                   authorized_keys="${PUBLIC_KEY}"),
+        "jupyter": py("0", enabled="auto", auto_env=["JUPYTER_PASSWORD"])})
     installed: set[str] = set()
-    m = managers(cfg, installed=lambda name: name in installed)
+    home = tmp_path / "home"
+    environ = {k: v for k, v in os.environ.items() if k != "JUPYTER_PASSWORD"}
+    m = managers(cfg, installed=lambda name: name in installed,
+                 environ={**environ, "HOME": str(home), "PUBLIC_KEY": KEY_A})
     m.start()
-    wait_for(lambda: state(m, "now")["state"] == "running", timeout=30, what="`now` to run")
+    wait_for(lambda: state(m, "sshd")["state"] == "running", timeout=30, what="sshd to run")
+    assert (home / ".ssh" / "authorized_keys").read_text() == KEY_A + "\n"
+    assert state(m, "jupyter")["state"] == "off"
+    assert state(m, "jupyter")["reason"] == "JUPYTER_PASSWORD is not set"
     web = state(m, "web")
     assert web["state"] == "waiting" and web["waiting_for"] == ["core"] and web["pid"] is None
     installed.add("core")
