@@ -245,3 +245,34 @@ def test_a_change_made_elsewhere_can_be_rolled_back(uws):
     proc = run_cli("rollback", "--no-verify", *ws.args())
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert head(node_a) == old and kit_status(ws)["verdict"] == "healthy"
+
+
+@pytest.mark.slow  # starts the agent
+def test_the_agent_rolls_back_an_update_that_died_before_it_started(aws, monkeypatch):
+    """A journal left by an update that died after moving a checkout (simulated in-process:
+    the install step never returns) is rolled back when `pod-agent run` starts, which says so."""
+    from agent.updates import Change, apply, engine
+
+    ws = aws
+    install(ws)
+    node_a = ws.comfyui / "custom_nodes" / "node-a"
+    old = head(node_a)
+    new = commit_files(ws.upstreams / "node-a", {"README": "new\n"}, "readme")
+    git("fetch", "-q", "origin", cwd=node_a)
+
+    class Killed(BaseException):
+        pass
+
+    def die(*args, **kw):
+        raise Killed()
+
+    monkeypatch.setattr(engine, "_install", die)
+    conf = load(ws.config_path, ws.root)
+    with pytest.raises(Killed):
+        apply(conf, [Change("node-a", node_a, old, new, "custom_nodes")], "test", "cli")
+    assert head(node_a) == new and (conf.state_dir / "updates" / "journal.json").exists()
+    agent = ws.start_agent()
+    wait_for(lambda: "rolled back to the state before it" in agent.log(), 60,
+             what="the agent to roll back the interrupted update")
+    assert head(node_a) == old and not (conf.state_dir / "updates" / "journal.json").exists()
+    assert history.read(conf, "node-a", kind="update")[-1]["result"] == "rolled back"
