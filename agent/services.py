@@ -510,26 +510,26 @@ def render_lines(services: dict[str, dict] | None) -> list[str]:
     lines = ["", "SERVICES"]
     for name, s in services.items():
         state = str(s.get("state") or "?")
-        text = f"  {name:<10} {state.upper():<9}"
+        parts = [f"  {name:<10} {state.upper():<8}"]
         if s.get("pid"):
-            text += f" pid {s['pid']}"
+            parts.append(f"pid {s['pid']}")
         if s.get("port"):
-            text += f"  port {s['port']}" + ("" if s.get("ready") or state != "running"
-                                            else " (not answering yet)")
+            parts.append(f"port {s['port']}" + ("" if s.get("ready") or state != "running"
+                                                else " (not answering yet)"))
         if s.get("restarts"):
-            text += f"  restarts {s['restarts']}"
+            parts.append(f"restarts {s['restarts']}")
         last = s.get("last_exit") or {}
         if last.get("signal") is not None:
-            text += f"  last exit: signal {last['signal']}"
+            parts.append(f"last exit: signal {last['signal']}")
         elif last.get("code") is not None:
-            text += f"  last exit: code {last['code']}"
+            parts.append(f"last exit: code {last['code']}")
         if s.get("waiting_for"):
-            text += f"  waiting for {', '.join(s['waiting_for'])}"
+            parts.append(f"waiting for {', '.join(s['waiting_for'])}")
         why = s.get("reason") or s.get("degraded_reason") or (
             s.get("last_failure") if state in ("backoff", "degraded", "stopped") else None)
         if why:
-            text += f"  ({why})"
-        lines.append(text)
+            parts.append(f"({why})")
+        lines.append("  ".join(parts))
     return lines
 
 

@@ -4,20 +4,27 @@ and the services manager with real processes."""
 
 from __future__ import annotations
 
+import json
 import os
+import socket
 import stat
 import sys
 import threading
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
+import psutil
 import pytest
 
 from agent import redact
 from agent.config import load
 from agent.model import AgentError, ConfigError
 from agent.service_config import Hooks
-from agent.services import ensure_authorized_keys, prepare, run_hook
-from tests.helpers import run_cli, write_yaml
+from agent.services import Manager, ensure_authorized_keys, prepare, run_hook
+from tests.helpers import run_cli, wait_for, write_yaml
+from tests.test_daemon import aws, install_all, running  # noqa: F401 - the agent fixture
 
 KEY_A = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIKeyAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA a@pod"
 KEY_B = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIKeyBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBB b@pod"
@@ -193,16 +200,6 @@ def test_a_hook_that_hangs_is_ended_at_its_timeout_or_at_shutdown(tmp_path):
 
 
 # --------------------------------------------------------------------------- the manager
-import json  # noqa: E402
-import socket  # noqa: E402
-import time  # noqa: E402
-import urllib.error  # noqa: E402
-import urllib.request  # noqa: E402
-
-import psutil  # noqa: E402
-
-from agent.services import Manager  # noqa: E402
-from tests.helpers import wait_for  # noqa: E402
 
 FAST = {"backoff_initial": 0.2, "backoff_max": 1.0, "ready_poll_interval": 0.1,
         "liveness_interval": 0.5, "degraded_after": 50}
@@ -374,7 +371,6 @@ def test_restart_by_request_file_and_readiness_of_required_services(tmp_path, ma
 
 
 # --------------------------------------------------------------------------- with `pod-agent run`
-from tests.test_daemon import aws, install_all, running  # noqa: E402,F401 - the agent fixture
 
 SECRET = "jupyter-Secret-1234"
 
