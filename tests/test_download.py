@@ -187,6 +187,7 @@ def test_a_missing_or_truncated_file_is_downloaded_again(ws, server):
     assert len(gets(server, "/cdn/org/repo/w.safetensors")) == 3
 
 
+@pytest.mark.slow  # five CLI runs
 def test_verify_hash_finds_a_corrupt_file_the_cheap_probe_does_not(ws, server):
     server.add("m/a.bin", DATA)
     ws.use({"m": {"kind": "download", "url": server.url("m/a.bin"), "dest": "loras"}})
