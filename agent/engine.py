@@ -599,7 +599,8 @@ class Service:
             raise StartFailed("empty command")
         exe = argv[0]
         if os.sep in exe:
-            if not os.access(exe, os.X_OK) or not Path(exe).is_file():
+            path = Path(spec.cwd or ".") / exe  # a relative path is the service's cwd's
+            if not os.access(path, os.X_OK) or not path.is_file():
                 raise StartFailed(f"command not found or not executable: {exe}")
         elif shutil.which(exe, path=(spec.env or {}).get("PATH") or os.environ.get("PATH")) \
                 is None:
@@ -845,7 +846,10 @@ class Service:
         if requested:
             self._clear_process()
             self._transition(S.STOPPED, f"pid {pid} {what}: {requested}")
-            self._launch(time.monotonic(), f"restart: {requested}")
+            with self._req_lock:
+                closed = self._closed
+            if not closed:  # (an agent shutting down starts nothing)
+                self._launch(time.monotonic(), f"restart: {requested}")
             return True
         policy = self.spec.restart
         if policy == "never" or (policy == "on-failure" and code == 0):
