@@ -190,7 +190,8 @@ def resolve(item: Item, timeout: float = 30.0, client: Any = None) -> Resolved:
         return Resolved(item.url or "", headers, size, item.sha256)
     from huggingface_hub import get_hf_file_metadata, hf_hub_url
     from huggingface_hub.utils import build_hf_headers
-    from huggingface_hub.errors import HfHubHTTPError
+    from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError,
+                                        RepositoryNotFoundError)
 
     endpoint = os.environ.get("HF_ENDPOINT") or None
     url = hf_hub_url(item.repo, item.file or "", revision=item.revision, endpoint=endpoint)
@@ -201,6 +202,13 @@ def resolve(item: Item, timeout: float = 30.0, client: Any = None) -> Resolved:
                                     endpoint=endpoint)
     except HfHubHTTPError as exc:
         code = getattr(getattr(exc, "response", None), "status_code", None)
+        if isinstance(exc, RepositoryNotFoundError) and not isinstance(exc, GatedRepoError) \
+                and code != 403:
+            # the hub answers 401 for a repo that does not exist as for a private one
+            need = f"; a private repo needs a token in {item.token_env}" if item.token_env \
+                and not item.token() else ""
+            raise FetchFatal(f"repository not found or not accessible: {item.repo}{need} "
+                             f"({shown_url(url)})") from None
         raise _http_error(code, item, url) from None
     except Exception as exc:  # noqa: BLE001 - a network error, a timeout: transient
         raise FetchError(f"{item.label}: cannot reach {shown_url(url)}: "

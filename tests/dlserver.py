@@ -111,6 +111,9 @@ class Server:
                 cdn = path.startswith("/cdn/")
                 key = f"{m['repo']}/{m['file']}" if m else path[5 if cdn else 1:]
                 entry = server.files.get(key)
+                if entry is None and m and not any(k.startswith(m["repo"] + "/")
+                                                   for k in server.files):
+                    return self._error(401, head, {"X-Error-Code": "RepoNotFound"})  # as the hub
                 if entry is None:
                     return self._error(404, head, {"X-Error-Code": "EntryNotFound"} if m else {})
                 if entry.gated and not cdn:

@@ -279,6 +279,24 @@ def test_token_is_sent_but_never_written_and_errors_say_what_to_do(ws, server):
         assert TOKEN not in text
 
 
+def test_hub_errors_name_the_repo_or_the_url(server):
+    server.token = TOKEN
+    server.add("org/gated/g.bin", b"x" * 10, gated=True)
+    server.add("org/repo/a.bin", b"x" * 10)
+    cases = [
+        (dict(repo="org/gated", file="g.bin", token_env="MY_HUB_VAR"),
+         "token missing or not accepted for org/gated (set MY_HUB_VAR)"),
+        (dict(repo="org/repo", file="missing.bin"),
+         f"not found (404): {server.endpoint}/org/repo/resolve/main/missing.bin"),
+        (dict(repo="org/nothere", file="a.bin"),  # the hub answers 401 RepoNotFound
+         "repository not found or not accessible: org/nothere"),
+    ]
+    for fields, message in cases:
+        with pytest.raises(dl.FetchFatal) as info:
+            dl.resolve(dl.Item(dest=Path("/nonexistent/x"), **fields))
+        assert message in str(info.value)
+
+
 def test_disk_full_says_needed_and_available(ws, server, tmp_path):
     small = tmp_path / "small"
     small.mkdir()
