@@ -277,7 +277,8 @@ class Manager:
         Returns the answer written for `pod-agent restart`."""
         if name == "comfyui":
             if self._comfy_restart is None:
-                return {"ok": False, "error": "ComfyUI is not managed by this agent"}
+                return {"ok": False, "error": "ComfyUI is not managed by this agent "
+                        "(it runs with --no-comfyui)"}
             self._comfy_restart(why, urgent)
             return {"ok": True, "detail": "restarting now" if urgent else
                     "restart when ComfyUI's queue is empty"}
@@ -453,9 +454,11 @@ def for_daemon(daemon) -> Manager:
         snap = daemon.supervisor.snapshot()
         return snap.get("state") == "running" and bool(snap.get("ready"))
 
+    def comfy_restart(why: str, urgent: bool) -> None:
+        daemon.supervisor.request_restart(why, urgent=urgent)
+
     return Manager(daemon.config, installed=installed, comfy_ready=comfy_ready,
-                   comfy_restart=lambda why, urgent: daemon.supervisor.request_restart(
-                       why, urgent=urgent) if daemon.start_comfyui else None)
+                   comfy_restart=comfy_restart if daemon.start_comfyui else None)
 
 
 # --------------------------------------------------------------------------- readers
