@@ -45,6 +45,9 @@ FIELDS = {
 ITEM_KEYS = ("url", "repo", "file", "revision", "dest", "filename", "sha256", "size",
              "token_env", "gated")
 RESTART_COMFYUI = False  # ComfyUI lists model files when asked: a new file needs no restart
+# It draws its own progress bar on a terminal (Display): a CLI spinner for the same step would
+# redraw the same line (agent/cli_core.py's Reporter can skip its spinner for such a kind).
+OWN_PROGRESS = True
 
 _SHA_RE = re.compile(r"[0-9a-fA-F]{64}")
 _REPO_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*/[A-Za-z0-9][A-Za-z0-9_.\-]*")
