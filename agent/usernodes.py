@@ -80,9 +80,10 @@ def converge(ctx: Ctx) -> tuple[dict[str, str], list[str]]:
         return {}, ["user_nodes: another installer holds the lock"]
     with lock:
         state = _load(config)
+        own = _update_running(config)  # an update's or rollback's moves are not external
         for path in nodes:
             try:
-                done = _converge_one(ctx, comp, path, state)
+                done = _converge_one(ctx, comp, path, state, own)
                 if done:
                     changed[path.name] = done
             except InstallError as exc:
@@ -93,8 +94,9 @@ def converge(ctx: Ctx) -> tuple[dict[str, str], list[str]]:
             if not (custom_nodes_dir(config) / name).is_dir():
                 gone = state.pop(name)
                 gone = gone if isinstance(gone, dict) else {}
-                _external(config, name, gone.get("commit"), None, "ok",
-                          "removed or disabled outside the agent")
+                if not own:
+                    _external(config, name, gone.get("commit"), None, "ok",
+                              "removed or disabled outside the agent")
         try:
             atomic_write(_state_path(config), json.dumps(state, indent=1))
         except OSError as exc:  # the nodes are installed; only the record of it is missing
@@ -103,16 +105,78 @@ def converge(ctx: Ctx) -> tuple[dict[str, str], list[str]]:
     return changed, failures
 
 
+def _update_running(config: Config) -> bool:
+    """An update, rollback or snapshot restore is under way (its journal exists): the node
+    moves seen now are its own, recorded by it."""
+    from agent.updates.journal import journal_path
+
+    try:
+        return journal_path(config).exists()
+    except OSError:
+        return False
+
+
+def _agent_moved(config: Config, path: Path, before: str | None, after: str | None) -> bool:
+    """Was this move (before -> after) made by an update, rollback or restore the agent
+    recorded (its restore point names it)? Then it is not an external change."""
+    if not before or not after or before == after:
+        return False
+    from agent.updates import journal
+
+    try:
+        points = journal.points(config)[-5:]
+    except (OSError, AgentError):
+        return False
+    where = str(path)
+    return any(e.get("path") == where and e.get("from") == before and e.get("to") == after
+               for p in points if p.get("op") != "external" for e in p.get("changes") or ())
+
+
+def _restore_point(config: Config, path: Path, before: str, after: str,
+                   dists: dict[str, str] | None) -> str | None:
+    """A restore point (agent/updates/journal.py) for a node moved by someone else, so that
+    `pod-agent rollback` puts it back to `before` with the packages as they were: the change
+    as `external`, already done. Its id; None when an update holds the lock (its moves are
+    its own) or the point cannot be written."""
+    from agent.locks import Lock
+    from agent.updates import git as ugit
+    from agent.updates import journal
+
+    lock = Lock(journal.lock_path(config))
+    try:
+        if not lock.acquire(0):
+            return None
+    except (OSError, AgentError):
+        return None
+    with lock:
+        try:
+            if journal.journal_path(config).exists():
+                return None  # an interrupted update: `recover` first
+            j = journal.new("external", f"custom_nodes/{path.name} moved outside the agent",
+                            "external", str(config.comfyui.python))
+            j["before"] = {"dists": dists, "markers": None, "ok": [], "imports": None}
+            j["changes"] = [{"name": path.name, "path": str(path), "component": None,
+                             "from": before, "to": after, "count": None,
+                             "branch": ugit.branch(path), "moved": True, "stash": None}]
+            j["phase"] = "verified"
+            journal.write(config, j)
+            journal.finish(config, j, "ok")
+            return j["id"]
+        except (OSError, AgentError):
+            return None
+
+
 def _external(config: Config, name: str, before: str | None, after: str | None, result: str,
-              detail: str) -> None:
+              detail: str, **extra) -> None:
     """One history record for a node changed by someone else (ComfyUI-Manager, a hand-made
-    clone or pull): kind and actor `external`, from -> to commits. Never stops the install."""
+    clone or pull): kind and actor `external`, component the node's folder name (as updates
+    and rollbacks name it), from -> to commits. Never stops the install."""
     from agent import history
 
     warn = history.quietly(config, history.event(
-        "external", f"custom_nodes/{name}", frm=(before or "-")[:12], to=(after or "-")[:12],
+        "external", name, frm=(before or "-")[:12], to=(after or "-")[:12],  # as updates name it
         result=result, actor="external", detail=detail,
-        commit_before=before, commit_after=after))
+        commit_before=before, commit_after=after, **extra))
     if warn:
         from loguru import logger
 
@@ -135,7 +199,8 @@ def remember(config: Config, paths) -> None:
     atomic_write(_state_path(config), json.dumps(state, indent=1))
 
 
-def _converge_one(ctx: Ctx, comp: Component, path: Path, state: dict) -> str | None:
+def _converge_one(ctx: Ctx, comp: Component, path: Path, state: dict,
+                  own: bool = False) -> str | None:
     """Install one node's requirements when needed; what was done (None: nothing needed)."""
     if (path / ".git").is_dir() and not (path / ".git" / "index").exists():
         return None  # a clone still in progress: its files are not all there yet
@@ -151,7 +216,14 @@ def _converge_one(ctx: Ctx, comp: Component, path: Path, state: dict) -> str | N
     has_req = gitops.requirements_file(path).is_file()
     has_script = (path / "install.py").is_file()
     before = rec.get("commit")
-    commit_moved = new or before != commit
+    commit_moved = (new or before != commit) and not own \
+        and not _agent_moved(ctx.config, path, before, commit)
+    dists = None
+    if commit_moved and before and commit:  # what the packages were, for a rollback
+        try:
+            dists = dict(ctx.pyenv().dists)
+        except Exception:  # noqa: BLE001 - no restore point then; history still says it
+            dists = None
     try:
         gitops.install_deps(comp, ctx, path, path.name)
     except InstallError as exc:
@@ -160,8 +232,12 @@ def _converge_one(ctx: Ctx, comp: Component, path: Path, state: dict) -> str | N
         raise
     state[path.name] = {"commit": commit, "deps": digest}
     if commit_moved:  # a `git pull` in the Manager's UI, a new clone: noticed, into history
+        point = _restore_point(ctx.config, path, before, commit, dists) \
+            if before and commit and dists is not None else None
         _external(ctx.config, path.name, before, commit, "ok",
-                  "new node" if new else "moved outside the agent")
+                  "new node" if new else "moved outside the agent" + (
+                      f"; `pod-agent rollback` puts it back (restore point {point})"
+                      if point else ""), **({"id": point} if point else {}))
     done = [w for w, yes in (("requirements installed", has_req),
                              ("install.py run", has_script)) if yes]
     if done:

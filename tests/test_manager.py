@@ -161,9 +161,43 @@ def test_node_changes_made_in_the_manager_ui_go_into_history(ws):
     (node.parent / ".disabled").mkdir()
     node.rename(node.parent / ".disabled" / "ManagerNode")  # "Disable" in the Manager's UI
     usernodes.converge(Ctx(conf))
-    recs = [r for r in history.read(conf, "custom_nodes/ManagerNode")]
+    recs = [r for r in history.read(conf, "ManagerNode")]
     assert [(r["kind"], r["actor"], r["from"], r["to"], r["result"]) for r in recs] == [
         ("external", "external", "-", first[:12], "ok"),
         ("external", "external", first[:12], second[:12], "ok"),
         ("external", "external", second[:12], "-", "ok")], recs
     assert recs[1]["commit_before"] == first and recs[1]["commit_after"] == second
+
+
+@pytest.mark.slow
+def test_rollback_undoes_an_update_made_in_the_manager_ui(ws):
+    """The pull is recorded as a restore point: `pod-agent rollback` puts the node back, with
+    the packages its new requirements brought removed."""
+    from agent import history, usernodes
+    from agent.kinds.base import Ctx
+
+    conf = _conf(ws)
+    up = ws.upstreams / "ManagerNode"
+    make_repo(up, {"__init__.py": ""})
+    first = git("rev-parse", "HEAD", cwd=up)
+    node = ws.comfyui / "custom_nodes" / "ManagerNode"
+    node.parent.mkdir(parents=True)
+    git("clone", "-q", up.as_uri(), str(node))
+    usernodes.converge(Ctx(conf))
+    second = commit_files(up, {"requirements.txt": "podtest-nodec\n"})
+    git("pull", "-q", "--ff-only", cwd=node)  # "Update" in the Manager's UI
+    assert usernodes.converge(Ctx(conf))[0] == {"ManagerNode": "requirements installed"}
+    assert "podtest-nodec" in installed_dists(ws.python)
+    rec = history.read(conf, "ManagerNode")[-1]
+    assert rec["id"] and "pod-agent rollback" in rec["detail"], rec
+    proc = run_cli("rollback", "--no-verify", *ws.args())
+    assert proc.returncode == 0, (proc.stdout, proc.stderr)
+    assert git("rev-parse", "HEAD", cwd=node) == first
+    assert "podtest-nodec" not in installed_dists(ws.python)
+    kinds = [(r["kind"], r["actor"]) for r in history.read(conf, "ManagerNode")]
+    assert kinds[-1] == ("rollback", "cli") and ("external", "external") not in kinds[2:], kinds
+    # the agent's next pass sees the rollback's move as the agent's own, not an external one
+    usernodes.converge(Ctx(conf))
+    assert usernodes.converge(Ctx(conf)) == ({}, [])
+    after = history.read(conf, "ManagerNode")
+    assert [r["kind"] for r in after[len(kinds):]] == [] and second != first, after
