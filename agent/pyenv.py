@@ -15,6 +15,7 @@ each folder is listed, and a listing is not cached while any of them is younger 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -80,7 +81,9 @@ print(json.dumps({'dists': dists, 'env': env, 'prefix': sys.prefix, 'paths': pat
 """
 
 
+@functools.lru_cache(maxsize=8192)
 def canonical(name: str) -> str:
+    """The PEP 503 normalized name (asked for every requirement of every check: cached)."""
     return re.sub(r"[-_.]+", "-", name).lower()
 
 

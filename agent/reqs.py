@@ -60,20 +60,25 @@ def _logical_lines(text: str) -> Iterable[tuple[int, str]]:
         yield start, buf
 
 
-def read_file(path: Path, _seen: set[Path] | None = None) -> tuple[list[Req], list[Path]]:
+_COMMENT = re.compile(r"(^|\s)#.*$")
+
+
+def read_file(path: Path, _seen: set[str] | None = None) -> tuple[list[Req], list[Path]]:
     """Requirements in a file (following -r includes) and the list of files read."""
     seen = _seen if _seen is not None else set()
     # normpath: `-r ../requirements.txt` from an included file must be recognised as seen,
     # or two files including each other recurse until the path is too long.
-    path = Path(os.path.normpath(path.absolute()))
-    if path in seen:
+    key = os.path.normpath(os.path.abspath(path))
+    if key in seen:
         return [], []
-    seen.add(path)
-    text = path.read_text(encoding="utf-8", errors="replace")
+    seen.add(key)
+    path = Path(key)
+    with open(key, encoding="utf-8", errors="replace") as fh:
+        text = fh.read()
     reqs: list[Req] = []
     files = [path]
     for number, raw in _logical_lines(text):
-        line = re.sub(r"(^|\s)#.*$", "", raw).strip()
+        line = (_COMMENT.sub("", raw) if "#" in raw else raw).strip()
         if not line:
             continue
         where = f"{path}:{number}"

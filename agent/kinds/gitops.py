@@ -8,9 +8,11 @@ binary through procs (own session, timeout, no prompts).
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shutil
+import stat
 import time
 from pathlib import Path
 
@@ -26,11 +28,34 @@ _READ_LIMIT = 4096  # HEAD, a loose ref and a .git file are one short line
 
 
 def _read_small(path: str) -> str | None:
+    """The first _READ_LIMIT bytes of a regular file as text; None for anything else (never
+    blocks on a FIFO)."""
+    data = _read_regular(path, _READ_LIMIT)
+    return None if data is None else data.decode("utf-8", "replace").strip()
+
+
+def _read_regular(path: str, limit: int | None = None) -> bytes | None:
     try:
-        with open(path, "rb") as fh:
-            return fh.read(_READ_LIMIT).decode("utf-8", "replace").strip()
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except (OSError, ValueError):  # ValueError: a NUL in the path
         return None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return None
+        chunks = []
+        left = st.st_size if limit is None else min(st.st_size, limit)
+        while left > 0:
+            chunk = os.read(fd, left)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            left -= len(chunk)
+        return b"".join(chunks)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
 
 
 def git_dir(dest: Path) -> Path | None:
@@ -137,10 +162,23 @@ def requirements_file(dest: Path) -> Path:
 
 
 def deps_digest(dest: Path) -> str:
-    from agent.reqs import files_digest
-
-    files = [p for p in (requirements_file(dest), dest / "install.py") if p.is_file()]
-    return files_digest(files) if files else "-"
+    """What a node's dependencies come from (requirements.txt, install.py): the same digest as
+    agent.reqs.files_digest of those that are regular files, "-" when neither is."""
+    h = hashlib.sha256()
+    found = False
+    for name in ("requirements.txt", "install.py"):
+        path = os.path.join(dest, name)
+        try:
+            mode = os.stat(path).st_mode
+        except (OSError, ValueError):
+            continue
+        if not stat.S_ISREG(mode):
+            continue
+        found = True
+        h.update(path.encode())
+        data = _read_regular(path)
+        h.update(b"<missing>" if data is None else data)
+    return h.hexdigest()[:16] if found else "-"
 
 
 def deps_problem(ctx: Ctx, dest: Path, recorded_digest: str | None) -> tuple[State, str] | None:
