@@ -2,9 +2,13 @@
 (bench/lower_bound.py: a fresh process in the target interpreter checking every requirement with
 importlib.metadata + packaging), at 10, 50, 200 and 500 custom nodes.
 
-Paired runs: every round runs the three commands on every workspace, in a shuffled order, so a
-load spike on a shared machine hits all of them alike; the table shows medians. Then it proves
-the no-op check still catches a removed package, a moved HEAD and a changed requirement file.
+Paired runs: every round visits the workspaces in a shuffled order and runs the three commands
+back to back on each (in a shuffled order too), so a load spike on a shared machine hits a triple
+alike; the table shows the medians of the times and of the per-triple ratios. The per-node cost
+is the least-squares slope over the node counts, of the whole commands and, less noisy, of the
+same work in this process (config load + observe/plan/execute, no interpreter start or imports).
+Then it proves the no-op check still catches a removed package, a moved HEAD and a changed
+requirement file.
 
     python bench/bench_noop.py [--rounds 9] [--nodes 10,50,200,500]
 """
@@ -98,6 +102,31 @@ def catches(ws: dict, python: Path) -> list[str]:
     return out
 
 
+def in_process(spaces: dict, counts: list[int], rounds: int) -> dict[tuple[int, str], float]:
+    """Median seconds of a no-op install and status done in this process (config loaded each
+    time, modules already imported): the per-node cost without a process start in the noise."""
+    os.environ.update(POD_AGENT_GPU="0")
+    from agent import config as cfg
+    from agent.execute import Executor
+    from agent.status import collect
+
+    def install(ws):
+        report = Executor(cfg.load(ws["config"], ws["root"]), gpu=False).run()
+        assert report.ok and not report.changed
+
+    def status(ws):
+        assert collect(cfg.load(ws["config"], ws["root"]), gpu=False)["verdict"] == "healthy"
+
+    out: dict[tuple[int, str], list[float]] = {}
+    for _ in range(rounds * 3):
+        for n in counts:
+            for what, fn in (("install", install), ("status", status)):
+                start = time.perf_counter()
+                fn(spaces[n])
+                out.setdefault((n, what), []).append(time.perf_counter() - start)
+    return {k: statistics.median(v) for k, v in out.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=9)
@@ -114,32 +143,44 @@ def main() -> None:
             for fn in RUNS.values():
                 fn(ws)
         samples: dict[tuple[int, str], list[float]] = {}
+        ratios: dict[tuple[int, str], list[float]] = {}
         rng = random.Random(9)
         for _ in range(opts.rounds):
-            jobs = [(n, what) for n in counts for what in RUNS]
-            rng.shuffle(jobs)
-            for n, what in jobs:
-                start = time.perf_counter()
-                RUNS[what](spaces[n])
-                samples.setdefault((n, what), []).append(time.perf_counter() - start)
+            for n in rng.sample(counts, len(counts)):
+                took = {}
+                for what in rng.sample(list(RUNS), len(RUNS)):
+                    start = time.perf_counter()
+                    RUNS[what](spaces[n])
+                    took[what] = time.perf_counter() - start
+                    samples.setdefault((n, what), []).append(took[what])
+                for what in ("install", "status"):
+                    ratios.setdefault((n, what), []).append(took[what] / took["lower"])
         med = {k: statistics.median(v) for k, v in samples.items()}
+        ratio = {k: statistics.median(v) for k, v in ratios.items()}
+        inproc = in_process(spaces, counts, opts.rounds)
         reqs = {n: len(all_requirement_files(spaces[n])) for n in counts}
         print(f"no-op check, medians of {opts.rounds} paired rounds (seconds); lower bound = "
-              f"bench/lower_bound.py in the target interpreter")
+              f"bench/lower_bound.py in the target interpreter; ratio = median of the "
+              f"per-round ratios")
         print()
         print("| nodes | req. files | `install` | `status --json` | lower bound | install / LB "
               "| status / LB |")
         print("|---:|---:|---:|---:|---:|---:|---:|")
         for n in counts:
             i, s, lb = med[(n, "install")], med[(n, "status")], med[(n, "lower")]
-            print(f"| {n} | {reqs[n]} | {i:.3f} | {s:.3f} | {lb:.3f} | {i / lb:.2f}x "
-                  f"| {s / lb:.2f}x |")
+            print(f"| {n} | {reqs[n]} | {i:.3f} | {s:.3f} | {lb:.3f} | "
+                  f"{ratio[(n, 'install')]:.2f}x | {ratio[(n, 'status')]:.2f}x |")
         if len(counts) > 1:
             print()
             per = {what: slope([(n, med[(n, what)]) for n in counts]) * 1000 for what in RUNS}
-            print(f"per node (least squares over {counts[0]}..{counts[-1]}): install "
-                  f"{per['install']:.3f} ms, status {per['status']:.3f} ms, lower bound "
+            print(f"per node, whole commands (least squares over {counts[0]}..{counts[-1]}): "
+                  f"install {per['install']:.3f} ms, status {per['status']:.3f} ms, lower bound "
                   f"{per['lower']:.3f} ms")
+            per = {what: slope([(n, inproc[(n, what)]) for n in counts]) * 1000
+                   for what in ("install", "status")}
+            each = ", ".join(f"{n}: {inproc[(n, 'install')] * 1000:.1f}" for n in counts)
+            print(f"per node, in process (config load + the check, medians): install "
+                  f"{per['install']:.3f} ms, status {per['status']:.3f} ms (install, ms: {each})")
         print()
         for line in catches(spaces[counts[0]], built["python"]):
             print(f"- caught: {line}")
