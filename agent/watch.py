@@ -147,11 +147,12 @@ class Inotify:
         self._lock = threading.Lock()
         self._paths: dict[int, set[str]] = {}  # wd -> watched paths (two when one is a symlink)
         self._stop = threading.Event()
+        self._closed = False  # the descriptors are closed (by the reader, as it ends)
         self.thread = threading.Thread(target=self._run, name="watch-inotify", daemon=True)
 
     def add(self, path: str) -> int:
         with self._lock:
-            if self._stop.is_set():
+            if self._closed:
                 raise OSError(errno.EBADF, "the inotify reader is stopped")
             wd = _lib().inotify_add_watch(self.fd, os.fsencode(path), MASK)
             if wd < 0:
@@ -169,7 +170,7 @@ class Inotify:
             if paths is None:
                 return  # the kernel dropped it already (IN_IGNORED)
             paths.discard(path)
-            if not paths and not self._stop.is_set():
+            if not paths and not self._closed:
                 del self._paths[wd]
                 _lib().inotify_rm_watch(self.fd, wd)  # EINVAL: gone meanwhile, fine
 
@@ -181,17 +182,23 @@ class Inotify:
         self.thread.start()
 
     def stop(self) -> None:
-        if not self._stop.is_set():
+        with self._lock:
+            if not self._stop.is_set() and not self._closed:
+                self._stop.set()
+                try:
+                    os.write(self._wake_w, b"x")  # never after _close: the number may be reused
+                except OSError:
+                    pass
             self._stop.set()
-            try:
-                os.write(self._wake_w, b"x")
-            except OSError:
-                pass
         if not self.thread.is_alive() and self.thread.ident is None:
             self._close()  # never started
 
     def _close(self) -> None:
+        self._stop.set()
         with self._lock:
+            if self._closed:
+                return
+            self._closed = True
             self._paths.clear()
             for fd in (self.fd, self._wake_r, self._wake_w):
                 try:
