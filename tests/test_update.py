@@ -12,7 +12,8 @@ import pytest
 
 from agent import drift, history
 from agent.config import load
-from tests.helpers import ROOT, commit_files, git, installed_dists, run_cli, wait_for
+from tests.helpers import (ROOT, commit_files, git, installed_dists, make_repo, run_cli,
+                           wait_for)
 from tests.kit import install, status
 from tests.test_daemon import aws, service  # noqa: F401 - the agent fixture
 
@@ -276,3 +277,23 @@ def test_the_agent_rolls_back_an_update_that_died_before_it_started(aws, monkeyp
              what="the agent to roll back the interrupted update")
     assert head(node_a) == old and not (conf.state_dir / "updates" / "journal.json").exists()
     assert history.read(conf, "node-a", kind="update")[-1]["result"] == "rolled back"
+
+
+@pytest.mark.slow
+def test_a_node_cloned_by_hand_is_updated_from_its_origin(uws):
+    ws = uws
+    up = ws.upstreams / "my-node"
+    url = make_repo(up, {"__init__.py": "", "requirements.txt": "podtest-gamma\n"})
+    mine = ws.comfyui / "custom_nodes" / "my-node"
+    git("clone", "-q", url, str(mine))
+    install(ws)  # its requirements, as for any node cloned by hand
+    old = head(mine)
+    new = commit_files(up, {"requirements.txt": "podtest-gamma\npodtest-nodec\n"}, "nodec")
+    proc = update(ws, "--all", "--dry-run", expect=0)
+    assert f"my-node: {old[:12]} -> {new[:12]} (1 commit); requirements: +podtest-nodec" \
+        in proc.stdout
+    update(ws, "my-node", "--no-verify", expect=0)
+    assert head(mine) == new and "podtest-nodec" in installed_dists(ws.python)
+    assert git("symbolic-ref", "--short", "HEAD", cwd=mine) == "main"  # still on its branch
+    assert run_cli("rollback", "--no-verify", *ws.args()).returncode == 0
+    assert head(mine) == old and "podtest-nodec" not in installed_dists(ws.python)
