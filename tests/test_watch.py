@@ -35,6 +35,10 @@ def watch_threads() -> list[str]:
     return sorted(t.name for t in threading.enumerate() if t.name.startswith("watch-"))
 
 
+def started_since(before: set[threading.Thread]) -> list[str]:
+    return sorted(t.name for t in set(threading.enumerate()) - before)
+
+
 class FakeLimits:
     """The real inotify calls, with the kernel's limits made small: after `allow` more watches
     inotify_add_watch fails with ENOSPC (max_user_watches); `init_errno` fails inotify_init1."""
@@ -122,14 +126,13 @@ def setup(tmp_path):
 
 def test_watch_count_depends_on_nodes_not_on_files_and_one_thread_reads_them_all(setup):
     ws, conf, rec, make = setup
-    before = threading.active_count()
+    before = set(threading.enumerate())
     held = inotify_watches()
     w = make()
     # workspace, markers, ComfyUI, custom_nodes + (node, node/.git) x 30
     assert w.watch_count() == 4 + 60 and w.mode == "inotify"
     assert inotify_watches() - held == 64  # the kernel's count: one instance holds them all
-    assert watch_threads() == ["watch-inotify"]
-    assert threading.active_count() - before == 1
+    assert watch_threads() == ["watch-inotify"] == started_since(before)
     for sub in ("ComfyUI/models/checkpoints", "venv/lib/python3.11/site-packages/pkg",
                 "ComfyUI/custom_nodes/node0/deep/er"):
         folder = ws / sub
@@ -142,7 +145,7 @@ def test_watch_count_depends_on_nodes_not_on_files_and_one_thread_reads_them_all
         (ws / "ComfyUI" / "custom_nodes" / f"node{i}").mkdir()
     w.refresh()
     assert w.watch_count() == 4 + 60 + 100 and inotify_watches() - held == 164
-    assert threading.active_count() - before == 1
+    assert started_since(before) == ["watch-inotify"]
     for i in range(30, 130):  # and the watches of removed nodes are given back
         (ws / "ComfyUI" / "custom_nodes" / f"node{i}").rmdir()
     wait_for(lambda: w.refresh() or inotify_watches() - held == 64, 5, what="watches dropped")
@@ -223,10 +226,10 @@ def test_new_node_folder_is_watched_and_recreated_marker_folder_watched_again(se
 
 def test_polling_mode_one_thread_for_every_folder(setup):
     ws, conf, rec, make = setup
-    before = threading.active_count()
+    before = set(threading.enumerate())
     w = make(poll=0.2)
     assert w.mode == "polling" and w.watch_count() == 64 and w.alive()
-    assert watch_threads() == ["watch-poll"] and threading.active_count() - before == 1
+    assert watch_threads() == ["watch-poll"] == started_since(before)
     (conf.markers_dir / "p.done").write_text("t\n")
     wait_for(lambda: ("p", "created") in rec.markers, 10, what="polled creation")
     (conf.markers_dir / "p.done").unlink()
