@@ -106,7 +106,7 @@ from loguru import logger
 
 from agent.logpipe import NAME as LOGPIPE_NAME
 from agent.markers import atomic_write, read_json
-from agent.procs import stop_group
+from agent.procs import stop_group, wait_gone
 from agent.redact import redact, redact_argv, register, registered
 
 LOG_MAX_BYTES = 20 * 1024 * 1024
@@ -1015,7 +1015,7 @@ class Service:
                     proc.kill()
                 except psutil.Error:
                     pass
-            psutil.wait_procs([pipe], PIPE_DRAIN_WAIT)
+            wait_gone([pipe], PIPE_DRAIN_WAIT)
         try:
             os.killpg(pgid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):

@@ -60,8 +60,8 @@ def stop_group(pgid: int, members: list, timeout: float, kill_wait: float = KILL
                send: Callable[[int], None] | None = None,
                on_gone: Callable[[Any], None] | None = None) -> bool:
     """The stop ladder: SIGTERM to the process group, wait up to `timeout` for `members` (the
-    psutil.Process objects to wait on: the leader and whatever else counts) with
-    psutil.wait_procs, then SIGKILL to the group and wait up to `kill_wait` more. `send(sig)`
+    psutil.Process objects to wait on: the leader and whatever else counts) with `wait_gone`
+    (psutil.wait_procs), then SIGKILL to the group and wait up to `kill_wait` more. `send(sig)`
     replaces os.killpg(pgid, sig); `on_gone(proc)` is called for each member that ended (a
     child's exit status is in proc.returncode: psutil reaped it). Returns True when SIGKILL was
     needed."""
@@ -75,12 +75,48 @@ def stop_group(pgid: int, members: list, timeout: float, kill_wait: float = KILL
 
     send = send or killpg
     send(signal.SIGTERM)
-    _gone, alive = psutil.wait_procs(members, timeout, callback=on_gone)
+    alive = wait_gone(members, timeout, on_gone)
     if not alive:
         return False
     send(signal.SIGKILL)
-    psutil.wait_procs(alive, kill_wait, callback=on_gone)
+    wait_gone(alive, kill_wait, on_gone)
     return True
+
+
+def wait_gone(members: list, timeout: float,
+              on_gone: Callable[[Any], None] | None = None) -> list:
+    """psutil.wait_procs on `members` (our children are reaped, their status in
+    proc.returncode), except that a zombie counts as gone: a process that is not our child
+    stays a zombie until its own parent reaps it, which a container's init may do late or
+    never. Checks each member, never the process table, with a backoff up to 50 ms. Returns
+    the members still alive after `timeout`."""
+    import psutil
+
+    deadline = time.monotonic() + timeout
+    alive = list(members)
+    delay = 0.002
+    while alive:
+        _gone, alive = psutil.wait_procs(alive, 0, callback=on_gone)
+        still = []
+        for proc in alive:
+            try:
+                zombie = proc.status() == psutil.STATUS_ZOMBIE
+            except psutil.NoSuchProcess:
+                zombie = True
+            except psutil.Error:
+                zombie = False
+            if zombie:
+                if on_gone is not None:
+                    on_gone(proc)
+            else:
+                still.append(proc)
+        alive = still
+        left = deadline - time.monotonic()
+        if not alive or left <= 0:
+            break
+        time.sleep(min(delay, left))
+        delay = min(delay * 2, 0.05)
+    return alive
 
 
 def kill_group(proc: subprocess.Popen, grace: float = KILL_GRACE) -> None:

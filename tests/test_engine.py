@@ -234,3 +234,31 @@ def test_image_signature_changes_with_an_exec_in_place(tmp_path):
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_a_zombie_that_is_not_our_child_counts_as_gone(tmp_path):
+    """The stop ladder waits on processes, not on their parents' reaping: a non-child zombie
+    (the log pipe once its parent, init, is slow to reap it) is gone at once."""
+    import subprocess
+
+    from agent.procs import wait_gone
+
+    # a parent that never reaps its child: the child exits and stays a zombie
+    parent = subprocess.Popen([sys.executable, "-c", (
+        "import os, sys, time\n"
+        "pid = os.fork()\n"
+        "if pid == 0:\n"
+        "    os._exit(0)\n"
+        "print(pid, flush=True)\n"
+        "time.sleep(60)\n")], stdout=subprocess.PIPE, text=True)
+    try:
+        zombie = psutil.Process(int(parent.stdout.readline()))
+        wait_for(lambda: zombie.status() == psutil.STATUS_ZOMBIE, 10, what="a zombie")
+        gone: list[int] = []
+        began = time.monotonic()
+        assert wait_gone([zombie], 20, lambda p: gone.append(p.pid)) == []
+        assert time.monotonic() - began < 10 and gone == [zombie.pid]
+    finally:
+        parent.kill()
+        parent.wait()
+        parent.stdout.close()
