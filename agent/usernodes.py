@@ -118,7 +118,8 @@ def _update_running(config: Config) -> bool:
 
 def _agent_moved(config: Config, path: Path, before: str | None, after: str | None) -> bool:
     """Was this move (before -> after) made by an update, rollback or restore the agent
-    recorded (its restore point names it)? Then it is not an external change."""
+    recorded (its restore point names it)? Then it is not an external change. (The restore
+    points of external changes are left out: a move seen again is seen again.)"""
     if not before or not after or before == after:
         return False
     from agent.updates import journal
@@ -133,37 +134,23 @@ def _agent_moved(config: Config, path: Path, before: str | None, after: str | No
 
 
 def _restore_point(config: Config, path: Path, before: str, after: str,
-                   dists: dict[str, str] | None) -> str | None:
-    """A restore point (agent/updates/journal.py) for a node moved by someone else, so that
-    `pod-agent rollback` puts it back to `before` with the packages as they were: the change
-    as `external`, already done. Its id; None when an update holds the lock (its moves are
-    its own) or the point cannot be written."""
-    from agent.locks import Lock
-    from agent.updates import git as ugit
-    from agent.updates import journal
-
-    lock = Lock(journal.lock_path(config))
+                   dists: dict[str, str]) -> bool:
+    """A node moved by someone else (a `git pull` in ComfyUI-Manager's UI) becomes a restore
+    point with the packages as they were (agent/updates `record_external`, which also writes
+    its history record), so `pod-agent rollback` puts it back. False when it cannot be
+    recorded (the caller then writes the history record itself)."""
     try:
-        if not lock.acquire(0):
-            return None
-    except (OSError, AgentError):
-        return None
-    with lock:
-        try:
-            if journal.journal_path(config).exists():
-                return None  # an interrupted update: `recover` first
-            j = journal.new("external", f"custom_nodes/{path.name} moved outside the agent",
-                            "external", str(config.comfyui.python))
-            j["before"] = {"dists": dists, "markers": None, "ok": [], "imports": None}
-            j["changes"] = [{"name": path.name, "path": str(path), "component": None,
-                             "from": before, "to": after, "count": None,
-                             "branch": ugit.branch(path), "moved": True, "stash": None}]
-            j["phase"] = "verified"
-            journal.write(config, j)
-            journal.finish(config, j, "ok")
-            return j["id"]
-        except (OSError, AgentError):
-            return None
+        from agent.updates.engine import Change, record_external
+
+        record_external(config, [Change(path.name, path, before, after)],
+                        "moved outside the agent (ComfyUI-Manager's UI, a git pull); "
+                        "`pod-agent rollback` puts it back", before_dists=dists)
+        return True
+    except (OSError, AgentError, ValueError) as exc:
+        from loguru import logger
+
+        logger.warning(f"custom_nodes/{path.name}: no restore point for its move: {exc}")
+        return False
 
 
 def _external(config: Config, name: str, before: str | None, after: str | None, result: str,
@@ -224,6 +211,9 @@ def _converge_one(ctx: Ctx, comp: Component, path: Path, state: dict,
             dists = dict(ctx.pyenv().dists)
         except Exception:  # noqa: BLE001 - no restore point then; history still says it
             dists = None
+    recorded = False
+    if commit_moved and not new and before and commit and dists is not None:
+        recorded = _restore_point(ctx.config, path, before, commit, dists)
     try:
         gitops.install_deps(comp, ctx, path, path.name)
     except InstallError as exc:
@@ -231,13 +221,9 @@ def _converge_one(ctx: Ctx, comp: Component, path: Path, state: dict,
             _external(ctx.config, path.name, before, commit, "failed", str(exc))
         raise
     state[path.name] = {"commit": commit, "deps": digest}
-    if commit_moved:  # a `git pull` in the Manager's UI, a new clone: noticed, into history
-        point = _restore_point(ctx.config, path, before, commit, dists) \
-            if before and commit and dists is not None else None
+    if commit_moved and not recorded:  # a new clone (or no restore point): into history
         _external(ctx.config, path.name, before, commit, "ok",
-                  "new node" if new else "moved outside the agent" + (
-                      f"; `pod-agent rollback` puts it back (restore point {point})"
-                      if point else ""), **({"id": point} if point else {}))
+                  "new node" if new else "moved outside the agent")
     done = [w for w, yes in (("requirements installed", has_req),
                              ("install.py run", has_script)) if yes]
     if done:
