@@ -13,7 +13,11 @@ from agent import clikit
 
 
 def _say(json_out: bool):
-    return (lambda text: None) if json_out else clikit.out
+    """Progress on stdout; with --json only the lines about an interrupted update, on stderr
+    (stdout stays one JSON object)."""
+    if not json_out:
+        return clikit.out
+    return lambda text: clikit.err(text) if "interrupted" in text else None
 
 
 def _plan_line(p) -> str:

@@ -315,6 +315,8 @@ def _apply_locked(conf, changes, reason, actor, force, say, verify_comfyui, op,
                                       before_imports=before_imports)
     report.rolled_back = True
     report.rollback_problems = rb_problems
+    report.notes += [f"{e['name']}: local edits kept with git stash ({short(e['stash'])}); "
+                     "`git stash pop` there brings them back" for e in j["changes"] if e["stash"]]
     if rb_check is not None:
         report.notes.append(f"after the rollback: {rb_check.detail}")
     error = problems[0]
