@@ -34,7 +34,10 @@ Constructing and driving a service
     threading.Thread(target=svc.run_forever, args=(stop_event, 0.5), daemon=True).start()
     svc.request_restart("config changed")          # thread-safe, never blocks; coalesces
     svc.request_restart("user asked", urgent=True) # (non-urgent waits for `_restart_ready`)
-    svc.snapshot()   # a dict, any thread, never blocks on the process (keys: `snapshot`)
+    svc.snapshot()   # a dict, any thread, never blocks on the process: state, pid, uptime,
+                     # restarts, failures, last_exit, last_restart ({by: agent|itself, reason,
+                     # time}), adopted, pending_restart, next_start_in, degraded_reason,
+                     # last_failure, ready, port, log
     svc.stop()       # SIGTERM the group, SIGKILL after stop_timeout, wait; state STOPPED
     svc.shutdown()   # stop and ignore later restart requests until start() (agent shutdown)
 
@@ -287,6 +290,7 @@ class Service:
         self._degraded_reason: str | None = None
         self._next_start: float | None = None
         self._last_exit: dict[str, Any] | None = None
+        self._last_restart: dict[str, Any] | None = None  # the latest restart that was no failure
         self._starts = 0
 
         self._pending: _Request | None = None
@@ -422,6 +426,7 @@ class Service:
             "restarts": max(0, self._starts - 1),
             "failures": self._failures,
             "last_exit": dict(self._last_exit) if self._last_exit else None,
+            "last_restart": dict(self._last_restart) if self._last_restart else None,
             "adopted": self._adopted,
             "pending_restart": pending,
             "next_start_in": round(max(0.0, next_start - now), 3)
@@ -789,8 +794,12 @@ class Service:
             if self._pending is not None and self._pending.seq <= seq:
                 self._pending = None
 
+    def _note_restart(self, by: str, reason: str) -> None:
+        self._last_restart = {"by": by, "reason": redact(reason), "time": time.time()}
+
     def _restart(self, now: float, why: str) -> None:
         """Agent-requested: graceful stop, then spawn. Never counts as a failure."""
+        self._note_restart("agent", why)
         self._stop_process(None, why)
         self._transition(S.STOPPED, "stopped for restart")
         self._launch(time.monotonic(), f"restart: {why}")
@@ -846,6 +855,7 @@ class Service:
         if requested:
             self._clear_process()
             self._transition(S.STOPPED, f"pid {pid} {what}: {requested}")
+            self._note_restart("itself", requested)
             with self._req_lock:
                 closed = self._closed
             if not closed:  # (an agent shutting down starts nothing)
@@ -885,6 +895,7 @@ class Service:
         self._next_probe = now
         self._transition(S.STARTING, f"pid {self._pid} re-executed itself in place (a restart "
                                      "it asked for)")
+        self._note_restart("itself", "re-executed in place")
         self._write_state(self._pid, create_time, self._cmdline, time.time())
         return True
 

@@ -792,6 +792,8 @@ def test_manager_restart_with_the_session_file_is_a_requested_restart(pod):
     assert snap["failures"] == 0 and snap["restarts"] == 1 and snap["last_failure"] is None
     assert snap["last_exit"]["code"] == 0 and "backoff" not in seen and "degraded" not in seen
     assert not sup.reboot_file.exists()  # the request was answered
+    assert snap["last_restart"]["by"] == "itself" and "ComfyUI-Manager" in \
+        snap["last_restart"]["reason"]
     assert gone(pid) and len(pod.records()) == 2
     assert "Restarting..." in pod.log.read_text()
 
@@ -826,6 +828,7 @@ def test_manager_restart_in_place_is_followed_not_a_crash_or_a_hang(pod):
     assert snap["pid"] == pid and psutil.Process(pid).create_time() == create_time
     assert snap["failures"] == 0 and snap["restarts"] == 1 and snap["last_failure"] is None
     assert [r["pid"] for r in pod.records()] == [pid, pid]
+    assert snap["last_restart"]["reason"] == "re-executed in place"
     assert json.loads((pod.state_dir / "comfyui.json").read_text())["pid"] == pid
     pod.halt_runners()
     sup.stop()
