@@ -220,7 +220,7 @@ def test_json_fixture_restore_names_what_failed_and_restores_the_rest(ws, gh, re
     assert not [p for p in nodes.iterdir() if ".partial-" in p.name]
     from tests.helpers import installed_dists
     assert {"podtest-nodea", "podtest-nodec"} <= installed_dists(ws.python)
-    assert f"/nodes/podtest-cnr-node/install?version=1.0.2" in reg.asked
+    assert "/nodes/podtest-cnr-node/install?version=1.0.2" in reg.asked
     # history says what was done and what failed
     from agent import history
     rec = history.read(load(ws.config_path, ws.root), kind="restore")[-1]
@@ -359,13 +359,13 @@ def test_a_restore_that_breaks_an_import_is_undone(ws, gh, registry):
     nodes = _nodes(ws)
     git("clone", "-q", up.as_uri(), str(nodes / "Breaker"))
     git("checkout", "-q", "--detach", good, cwd=nodes / "Breaker")
-    snap = tmp = ws.root / "restore.json"
+    snap = ws.root / "restore.json"
     snapmod.dump({"comfyui": None, "file_custom_nodes": [], "cnr_custom_nodes": {}, "pips": {},
                   "git_custom_nodes": {up.as_uri(): {"hash": bad, "disabled": False},
                                        GH + "ComfyUI-NodeC": {"hash": C1, "disabled": False}}},
                  snap)
     assert "podtest-nodeb" not in installed_dists(ws.python)
-    proc = run_cli("snapshot", "restore", str(tmp), "--registry", registry[0], *ws.args())
+    proc = run_cli("snapshot", "restore", str(snap), "--registry", registry[0], *ws.args())
     assert proc.returncode == 1, (proc.stdout, proc.stderr)
     assert "broken on purpose" in proc.stdout + proc.stderr
     assert "rolled back" in proc.stdout
