@@ -18,7 +18,6 @@ import json
 import os
 import re
 import stat
-import tempfile
 import time
 from pathlib import Path
 from typing import Mapping, NamedTuple
@@ -217,6 +216,8 @@ def atomic_write(path: Path, text: str) -> None:
     left behind."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        import tempfile  # writers only: a reader never imports it
+
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as exc:
         raise _named(exc, path) from None

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from agent import procs, venv
+from agent import procs
 from agent.model import Component, Config, State
 from agent.pyenv import PyEnv, PythonUnavailable, inspect
 
@@ -72,6 +72,8 @@ class Ctx:
                                                                 or sys.executable)
         need_pip = self.config.installer == "pip" or not (
             self.config.installer == "uv" and self.uv())
+        from agent import venv  # the install side only: not imported by a check
+
         try:
             venv.ensure(cui.venv, self.python, base, comp.log, need_pip)
         except venv.VenvError as exc:
