@@ -926,6 +926,10 @@ def restore_cli(config: Config, snap: dict[str, Any], source: Path, prune: bool 
     result.done += step.done
     result.failed += step.failed
     result.undo += step.undo
+    moved = {before: now for action, now, before in step.undo if action == "move" and before}
+    for c in ready:  # a node also enabled or disabled above: its checkout is where it went
+        if c.path in moved:
+            c.path = moved[c.path]
     # 3. the commit moves as an update, or the same check of ComfyUI
     problem = None
     if ready:

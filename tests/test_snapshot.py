@@ -196,6 +196,8 @@ def test_json_fixture_restore_names_what_failed_and_restores_the_rest(ws, gh, re
     nodes = _nodes(ws)
     nodes.mkdir(parents=True)
     git("clone", "-q", GH + "ComfyUI-NodeA", str(nodes / "ComfyUI-NodeA"))  # at A2: goes to A1
+    git("clone", "-q", GH + "ComfyUI-NodeB", str(nodes / "ComfyUI-NodeB"))  # B2, disabled
+    git("checkout", "-q", "--detach", B1, cwd=nodes / "ComfyUI-NodeB")
     (nodes / "podtest_single.py").write_text("# a single-file node\n")
     (nodes / "Unlisted").mkdir()  # not in the snapshot, no --prune: left alone
     proc = run_cli("snapshot", "restore", str(FIXTURES / "manager_snapshot.json"),
