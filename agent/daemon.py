@@ -20,6 +20,7 @@ from pathlib import Path
 from loguru import logger
 
 from agent import drift as envdrift
+from agent import updates
 from agent import log as agent_log
 from agent import procs
 from agent import services
@@ -77,6 +78,7 @@ class Daemon:
         self._baseline: dict[str, str] | None = None
         self._touched = 0
         self._baseline_touched = 0
+        self._updates_seen = updates.activity(self.config)  # `pod-agent update` is not drift
         self._drift_lock = threading.Lock()
         self._await_ready = False
         self._ready_checked_pid: int | None = None
@@ -449,6 +451,8 @@ class Daemon:
             before, self._baseline = self._baseline, now
             same = touched == self._baseline_touched == self._touched
             self._baseline_touched = self._touched
+            seen, self._updates_seen = self._updates_seen, updates.activity(self.config)
+            same = same and seen == self._updates_seen
             if started:
                 self._loaded_dists(now)
         if before is None or not same:

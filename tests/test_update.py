@@ -211,12 +211,18 @@ def test_updates_through_the_running_agent(aws):
     wait_for(lambda: service(ws).get("state") == "running" and service(ws).get("ready"), 60,
              what="ComfyUI running")
     node_a, node_b = (ws.comfyui / "custom_nodes" / n for n in ("node-a", "node-b"))
-    new_a = commit_files(ws.upstreams / "node-a", {"README": "new\n"}, "readme")
+    new_a = commit_files(ws.upstreams / "node-a", {"requirements.txt": "podtest-nodea\n"
+                                                   "podtest-nodec\n"}, "a new requirement")
     pid = service(ws)["pid"]
     proc = update(ws, "node-a", expect=0)
     assert "restarting ComfyUI through the running agent" in proc.stdout, proc.stdout
     assert "verified: ComfyUI answers; 3 custom nodes imported" in proc.stdout, proc.stdout
     assert head(node_a) == new_a and service(ws)["pid"] != pid
+    # the agent looked at the packages when it restarted ComfyUI: the update's own new
+    # package is not drift
+    conf = load(ws.config_path, ws.root)
+    wait_for(lambda: any(r.get("kind") == "update" for r in history.read(conf)), 10)
+    assert not history.read(conf, kind="drift"), history.read(conf, kind="drift")
     old_b = head(node_b)
     commit_files(ws.upstreams / "node-b", {"__init__.py": "import podtest_nodeb\n"
                                            "raise RuntimeError('broken by upstream')\n"}, "x")
