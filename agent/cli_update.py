@@ -31,9 +31,10 @@ def _plan_line(p) -> str:
     n = f"{p.count} commit{'s' if p.count != 1 else ''}" if p.count >= 0 else "? commits"
     line = f"{u.name}: {p.head[:12]} -> {p.target[:12]} ({n})"
     req = p.requirements
-    if req.get("added") or req.get("removed"):
+    if req.get("added") or req.get("removed") or req.get("changed"):
         line += "; requirements: " + ", ".join(
-            [f"+{r}" for r in req.get("added", [])] + [f"-{r}" for r in req.get("removed", [])])
+            [f"+{r}" for r in req.get("added", [])] + [f"-{r}" for r in req.get("removed", [])]
+            + list(req.get("changed", [])))
     if req.get("install.py"):
         line += f"; install.py {req['install.py'][0]}"
     if p.dirty:

@@ -36,6 +36,7 @@ KINDS = ("install", "repair", "update", "rollback", "drift", "external")
 ACTORS = ("cli", "agent", "external")
 
 _actor = "cli"  # the resident agent sets "agent" at its start (set_actor)
+_during: str | None = None  # what this process is in the middle of (`update <id>`)
 
 
 def set_actor(actor: str) -> None:
@@ -46,6 +47,13 @@ def set_actor(actor: str) -> None:
 
 def actor() -> str:
     return _actor
+
+
+def set_during(what: str | None) -> None:
+    """Records written until set_during(None) carry `during` (e.g. the installs an update
+    runs: `update 20261129-100012-7be8`)."""
+    global _during
+    _during = what
 
 
 def path(conf) -> Path:
@@ -60,6 +68,8 @@ def event(kind: str, component: str = "", frm: Any = "-", to: Any = "-", result:
         "component": component, "from": "-" if frm in (None, "") else frm,
         "to": "-" if to in (None, "") else to, "result": result, "actor": actor or _actor,
         "detail": detail}
+    if _during and "during" not in extra:
+        rec["during"] = _during
     rec.update(extra)
     if "summary" not in rec:  # what the status page shows
         change = f" {rec['from']} -> {rec['to']}" if (rec["from"], rec["to"]) != ("-", "-") else ""
@@ -154,7 +164,9 @@ def line(rec: dict[str, Any]) -> str:
     comp = rec.get("component") or ", ".join(map(str, rec.get("components") or [])) or "-"
     frm, to = rec.get("from", "-"), rec.get("to", "-")
     change = f"{frm} -> {to}" if (frm, to) != ("-", "-") else ""
-    detail = rec.get("detail") or rec.get("summary") or ""
+    detail = rec.get("detail") or (rec.get("summary") if rec.get("kind") == "drift" else "")
+    if rec.get("during"):
+        detail = f"{detail} (during {rec['during']})".strip()
     parts = [str(rec.get("stamp") or "?"), str(rec.get("kind") or "?"), str(comp)]
     if change:
         parts.append(change)

@@ -376,7 +376,11 @@ def _install(conf, j: dict, say) -> list[str]:
     if comps:
         names = sorted(_dependents(conf, comps))
         say("installing what the new commits need: " + ", ".join(names))
-        report = Executor(conf).run(names, phase="foreground")
+        history.set_during(f"{j['op']} {j['id']}")
+        try:
+            report = Executor(conf).run(names, phase="foreground")
+        finally:
+            history.set_during(None)
         problems += [f"{o.name}: {o.message}" + (f" (log {o.log})" if o.log else "")
                      for o in report.outcomes if o.status in ("failed", "blocked")]
     if any(not e.get("component") for e in j["changes"]) and not problems:

@@ -109,14 +109,26 @@ def _req_lines(text: str | None) -> set[str]:
     return out
 
 
+def _name(line: str) -> str:
+    m = re.match(r"[A-Za-z0-9][A-Za-z0-9._-]*", line)
+    return m.group(0).lower().replace("_", "-") if m else line
+
+
 def requirement_changes(path: Path, old: str, new: str) -> dict[str, list[str]]:
     """Lines of requirements.txt added and removed between two commits (install.py too)."""
     out: dict[str, list[str]] = {}
     for f in REQ_FILES:
         a, b = _req_lines(git.show(path, old, f)), _req_lines(git.show(path, new, f))
         if a != b:
-            out["added"] = sorted(b - a)
-            out["removed"] = sorted(a - b)
+            added, removed = b - a, a - b
+            by_name = {_name(x): x for x in removed}
+            changed = [f"{by_name[_name(x)]} -> {x}" for x in sorted(added)
+                       if _name(x) in by_name]
+            gone = {by_name[_name(x)] for x in added if _name(x) in by_name}
+            out["added"] = sorted(x for x in added if _name(x) not in by_name)
+            out["removed"] = sorted(removed - gone)
+            if changed:
+                out["changed"] = changed
     a, b = git.show(path, old, "install.py"), git.show(path, new, "install.py")
     if a != b:
         out["install.py"] = ["added" if a is None else "removed" if b is None else "changed"]
