@@ -98,7 +98,6 @@ def gone(pid: int) -> bool:
         return True
 
 
-@pytest.mark.slow  # a real crash loop: ~3 s
 def test_a_crashing_service_backs_off_then_degrades_and_keeps_retrying(rig):
     svc = rig.service(rig.spec(env={"EXIT_AFTER": "0", "EXIT_WITH": "3"}))
     svc.start("test")
@@ -123,7 +122,6 @@ def test_a_crashing_service_backs_off_then_degrades_and_keeps_retrying(rig):
     assert state(svc) == "stopped"
 
 
-@pytest.mark.slow  # ~2 s
 def test_sigterm_ignored_means_sigkill_after_stop_timeout_and_nothing_left(rig):
     svc = rig.service(rig.spec(env={"IGNORE_TERM": "1"}, stop_timeout=0.5))
     svc.start()
