@@ -115,6 +115,8 @@ class Daemon:
         self.scheduler.add_job(self.periodic_reconcile, "interval", id="reconcile",
                                seconds=agent["reconcile_interval"])
         self.scheduler.add_job(self.check_watcher, "interval", id="watcher", seconds=5)
+        self.scheduler.add_job(lambda: updates.recover_orphan(self.config, logger.warning),
+                               "interval", id="updates", seconds=5)  # an update whose CLI died
         self.scheduler.add_listener(self._job_event, EVENT_JOB_ERROR | EVENT_JOB_MISSED
                                     | EVENT_JOB_MAX_INSTANCES)
         self.health = Monitor(cfg, Hooks(

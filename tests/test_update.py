@@ -255,9 +255,10 @@ def test_a_change_made_elsewhere_can_be_rolled_back(uws):
 
 
 @pytest.mark.slow  # starts the agent
-def test_the_agent_rolls_back_an_update_that_died_before_it_started(aws, monkeypatch):
+def test_the_agent_rolls_back_an_update_that_died(aws, monkeypatch):
     """A journal left by an update that died after moving a checkout (simulated in-process:
-    the install step never returns) is rolled back when `pod-agent run` starts, which says so."""
+    the install step never returns) is rolled back when `pod-agent run` starts, which says so,
+    and by the running agent when the update dies while it runs."""
     from agent.updates import Change, apply, engine
 
     ws = aws
@@ -283,6 +284,13 @@ def test_the_agent_rolls_back_an_update_that_died_before_it_started(aws, monkeyp
              what="the agent to roll back the interrupted update")
     assert head(node_a) == old and not (conf.state_dir / "updates" / "journal.json").exists()
     assert history.read(conf, "node-a", kind="update")[-1]["result"] == "rolled back"
+    # the same while the agent runs: undone within seconds, not at the next start
+    with pytest.raises(Killed):
+        apply(conf, [Change("node-a", node_a, old, new, "custom_nodes")], "test", "cli")
+    assert head(node_a) == new
+    wait_for(lambda: agent.log().count("rolled back to the state before it") == 2, 60,
+             what="the running agent to roll back the orphaned update")
+    assert head(node_a) == old and not (conf.state_dir / "updates" / "journal.json").exists()
 
 
 @pytest.mark.slow
@@ -303,3 +311,32 @@ def test_a_node_cloned_by_hand_is_updated_from_its_origin(uws):
     assert git("symbolic-ref", "--short", "HEAD", cwd=mine) == "main"  # still on its branch
     assert run_cli("rollback", "--no-verify", *ws.args()).returncode == 0
     assert head(mine) == old and "podtest-nodec" not in installed_dists(ws.python)
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_an_update_rolls_it_back_at_once(uws):
+    import signal
+    import subprocess
+    import sys
+
+    ws = uws
+    ws.config["comfyui"]["env"]["FAKE_COMFY_START_DELAY"] = "120"  # the check never ends
+    ws.save()
+    node_a = ws.comfyui / "custom_nodes" / "node-a"
+    old = head(node_a)
+    commit_files(ws.upstreams / "node-a", {"README": "new\n"}, "readme")
+    journal = ws.root / ".pod-agent" / "updates" / "journal.json"
+    proc = subprocess.Popen([sys.executable, "-m", "agent", "update", "node-a", *ws.args()],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for(lambda: journal.exists() and json.loads(journal.read_text())["phase"]
+                 == "verifying", 60, what="the update to verify")
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 1, out
+    assert "failed: interrupted (Ctrl-C)" in out and "rolled back: node-a" in out, out
+    assert head(node_a) == old and not journal.exists()

@@ -25,6 +25,18 @@ def recover_at_start(conf, say: Callable[[str], None]) -> None:
     engine.recover_at_start(conf, say)
 
 
+def recover_orphan(conf, say: Callable[[str], None]) -> None:
+    """For the running agent (a job every few seconds): a journal whose writer died while the
+    agent runs (the CLI killed, or interrupted twice) is finished or undone now, not at the next
+    start; an update in progress holds the lock and is left alone. One stat when there is no
+    journal; never raises."""
+    if not (Path(conf.state_dir) / "updates" / "journal.json").exists():
+        return
+    from agent.updates import engine
+
+    engine.recover_at_start(conf, say)
+
+
 def activity(conf) -> tuple:
     """Changes whenever an update or a rollback runs or finishes (the journal's and the restore
     points folder's mtimes): the agent's drift check does not report the packages they change

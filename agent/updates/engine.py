@@ -268,25 +268,16 @@ def _apply_locked(conf, changes, reason, actor, force, say, verify_comfyui, op,
     say(f"restore point {j['id']} recorded ({len(changes)} checkout"
         f"{'s' if len(changes) > 1 else ''}, {len(dists)} packages)")
     try:
-        problems = _forward(conf, j, say)
-    except Exception as exc:  # noqa: BLE001 - whatever broke, the journal knows how to undo
-        from agent.fserr import explain
+        problems, _ = _forward_and_verify(conf, j, say, verify_comfyui, before_imports,
+                                          reason, report)
+    except KeyboardInterrupt:  # Ctrl-C: stop what runs, then undo at once (not at next start)
+        from agent import procs
 
-        problems = [explain(exc)]
-    check = None
-    if not problems:
-        j["phase"] = "verifying"
-        j["after"] = {"dists": packages.snapshot(conf.comfyui.python)}
-        journal.write(conf, j)
-        problems = _probe_failures(conf, set(j["before"]["ok"]))
-        if not problems and verify_comfyui:
-            check = _comfy_check(conf, j, say, before_imports, reason)
-            report.verification = check.detail
-            if not check.ok:
-                problems = [check.detail]
-                report.import_errors = dict(check.failed)
-        elif not problems:
-            report.verification = "component probes pass (ComfyUI not restarted)"
+        procs.terminate_all()
+        problems = ["interrupted (Ctrl-C)"]
+        # undone at once; ComfyUI restarted only where an agent runs it (the old state back in
+        # the supervised ComfyUI), not started here for another check
+        verify_comfyui = verify_comfyui and verify.agent_running(conf) is not None
     if not problems:
         j["phase"] = "verified"
         journal.write(conf, j)
@@ -332,6 +323,31 @@ def _apply_locked(conf, changes, reason, actor, force, say, verify_comfyui, op,
                  + (": not restored: " + "; ".join(rb_problems) if rb_problems else ""))
     journal.finish(conf, j, "rolled back" if not rb_problems else "rollback incomplete")
     return report
+
+
+def _forward_and_verify(conf, j, say, verify_comfyui, before_imports, reason,
+                        report: Report) -> tuple[list[str], "verify.Check | None"]:
+    try:
+        problems = _forward(conf, j, say)
+    except Exception as exc:  # noqa: BLE001 - whatever broke, the journal knows how to undo
+        from agent.fserr import explain
+
+        problems = [explain(exc)]
+    check = None
+    if not problems:
+        j["phase"] = "verifying"
+        j["after"] = {"dists": packages.snapshot(conf.comfyui.python)}
+        journal.write(conf, j)
+        problems = _probe_failures(conf, set(j["before"]["ok"]))
+        if not problems and verify_comfyui:
+            check = _comfy_check(conf, j, say, before_imports, reason)
+            report.verification = check.detail
+            if not check.ok:
+                problems = [check.detail]
+                report.import_errors = dict(check.failed)
+        elif not problems:
+            report.verification = "component probes pass (ComfyUI not restarted)"
+    return problems, check
 
 
 def _pkg_summary(j: dict) -> str:
