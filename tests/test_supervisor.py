@@ -821,6 +821,7 @@ def test_manager_restart_in_place_is_followed_not_a_crash_or_a_hang(pod):
     wait_for(lambda: running(sup), 15)
     pid = sup.snapshot()["pid"]
     create_time = psutil.Process(pid).create_time()
+    pipe = json.loads((pod.state_dir / "comfyui.json").read_text())["log_pipe"]
     manager_reboot(pod)
     # 1.5 s without answers is 7 liveness intervals of 0.2 s: as a hang it would be restarted
     wait_for(lambda: len(pod.records()) == 2 and running(sup), 20, message="(back after exec)")
@@ -829,6 +830,10 @@ def test_manager_restart_in_place_is_followed_not_a_crash_or_a_hang(pod):
     assert snap["failures"] == 0 and snap["restarts"] == 1 and snap["last_failure"] is None
     assert [r["pid"] for r in pod.records()] == [pid, pid]
     assert snap["last_restart"]["reason"] == "re-executed in place"
+    # the exec keeps its stdout: the same log pipe carries the new image's output
+    assert json.loads((pod.state_dir / "comfyui.json").read_text())["log_pipe"] == pipe
+    wait_for(lambda: pod.log.read_text().count(f"[fake-comfyui {pid}] starting") == 2, 10,
+             message="(the second start's output in comfyui.log)")
     assert json.loads((pod.state_dir / "comfyui.json").read_text())["pid"] == pid
     pod.halt_runners()
     sup.stop()
