@@ -588,7 +588,8 @@ def rollback(conf, to: str | None = None, actor: str = "cli",
     wanted: dict[str, dict] = {}
     for p in later:  # the earliest `from` of every path wins: the state at `point`
         for e in p["changes"]:
-            wanted.setdefault(e["path"], e)
+            if e.get("from"):  # a node that did not exist before has no commit to go back to
+                wanted.setdefault(e["path"], e)
     changes = []
     for path, e in wanted.items():
         head = git.head(Path(path))

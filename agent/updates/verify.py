@@ -214,6 +214,10 @@ def _through_agent(conf, reason, before, changed_nodes, whole, say, limit) -> Ch
             return Check(False, "agent", "ComfyUI did not come back: "
                          + str(snap.get("last_failure") or snap.get("state")),
                          *(_failures(text)))
+        answer = read_json(req.with_suffix(".answer")) if taken else None
+        if answer is not None and answer.get("ok") is False:
+            return Check(False, "agent", "the agent did not restart ComfyUI: "
+                         + str(answer.get("error") or "refused"))
         pending = snap.get("pending_restart") or {}
         if taken and pending.get("waiting_for") and not told_queue:
             say(f"ComfyUI restart waits for {pending['waiting_for']}")
