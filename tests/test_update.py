@@ -340,3 +340,36 @@ def test_ctrl_c_during_an_update_rolls_it_back_at_once(uws):
     assert proc.returncode == 1, out
     assert "failed: interrupted (Ctrl-C)" in out and "rolled back: node-a" in out, out
     assert head(node_a) == old and not journal.exists()
+
+
+@pytest.mark.slow
+def test_an_update_killed_after_its_verification_is_completed_by_the_next_install(uws,
+                                                                                  monkeypatch):
+    from agent.updates import Change, apply, engine
+
+    ws = uws
+    node_a = ws.comfyui / "custom_nodes" / "node-a"
+    old = head(node_a)
+    new = commit_files(ws.upstreams / "node-a", {"README": "new\n"}, "readme")
+    git("fetch", "-q", "origin", cwd=node_a)
+
+    class Killed(BaseException):
+        pass
+
+    real_finish = engine.journal.finish
+
+    def die(conf, j, result):
+        if j["phase"] == "verified":
+            raise Killed()
+        return real_finish(conf, j, result)
+
+    monkeypatch.setattr(engine.journal, "finish", die)
+    conf = load(ws.config_path, ws.root)
+    with pytest.raises(Killed):
+        apply(conf, [Change("node-a", node_a, old, new, "custom_nodes")], "test", "cli",
+              verify_comfyui=False)
+    monkeypatch.setattr(engine.journal, "finish", real_finish)
+    proc = install(ws)
+    assert "it had been verified; completed" in proc.stdout, proc.stdout
+    assert head(node_a) == new and kit_status(ws)["verdict"] == "healthy"
+    assert not (conf.state_dir / "updates" / "journal.json").exists()

@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -108,8 +109,16 @@ def _consistent(ws) -> str | None:
 def test_kill_9_during_an_update_leaves_before_or_after(kws, tmp_path, tally):
     ws = kws
     rng = random.Random("update-kill")
-    points: list[str | float] = list(POINTS) + [rng.uniform(0.5, 8.0) for _ in range(size(0, 6))]
+    points: list[str | float] = list(POINTS)
+    if size(0, 1):  # full run: random instants over the time a whole update takes here
+        t0 = time.monotonic()
+        done = run_cli("update", "--all", *ws.args())
+        full = time.monotonic() - t0
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert run_cli("rollback", "--no-verify", *ws.args()).returncode == 0
+        points += [rng.uniform(0.3, full) for _ in range(6)]
     failures = []
+    outcomes: Counter = Counter()
     for i, point in enumerate(points):
         trial = f"update-{i}-{os.getpid()}"
         out = tmp_path / f"trial{i}.out"
@@ -133,6 +142,8 @@ def test_kill_9_during_an_update_leaves_before_or_after(kws, tmp_path, tally):
         problem = _consistent(ws)
         if problem is None and left and not said:
             problem = "the next install did not say what it did with the interrupted update"
+        outcomes[("finished" if finished else "completed" if any("completed" in x for x in said)
+                  else "rolled back" if said else "before the journal")] += 1
         crash = "Traceback" in out.read_text(errors="replace") + nxt.stdout + nxt.stderr
         note = f"kill at {point}{' (had finished)' if finished else ''}: {said or nxt.stdout[-200:]}"
         if not tally.case("kill: update", crash=crash, lie=problem is not None,
@@ -143,4 +154,5 @@ def test_kill_9_during_an_update_leaves_before_or_after(kws, tmp_path, tally):
         if git("rev-parse", "HEAD", cwd=ws.comfyui) != ws.old["ComfyUI"]:
             back = run_cli("rollback", "--no-verify", *ws.args())
             assert back.returncode == 0, back.stdout + back.stderr
+    print(f"update kill outcomes: {dict(outcomes)}")
     assert not failures, "\n".join(failures)
