@@ -68,6 +68,11 @@ def units(conf) -> list[Unit]:
         if comp.kind == "git":
             out.append(Unit(name, Path(s["dest"]), name, s["repo"], s.get("ref"), "git",
                             s.get("requirements") == "auto"))
+        elif comp.kind == "manager" and (Path(s["dest"]) / ".git").exists():
+            # ComfyUI-Manager v3 (a clone in custom_nodes); v4 is a package that follows
+            # ComfyUI's manager_requirements.txt, so it moves with comfyui_core
+            out.append(Unit(name, Path(s["dest"]), name, s["repo"], s.get("ref"), "git",
+                            s.get("requirements") == "auto"))
         elif comp.kind == "nodes":
             for node in s["nodes"]:
                 if node["enabled"]:
