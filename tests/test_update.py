@@ -373,3 +373,39 @@ def test_an_update_killed_after_its_verification_is_completed_by_the_next_instal
     assert "it had been verified; completed" in proc.stdout, proc.stdout
     assert head(node_a) == new and kit_status(ws)["verdict"] == "healthy"
     assert not (conf.state_dir / "updates" / "journal.json").exists()
+
+
+def test_comfyui_import_summary_is_read_as_comfyui_prints_it():
+    from agent.updates.verify import parse_imports
+
+    log = ("[fake] starting\nTraceback (most recent call last):\n  ...\n"
+           "ModuleNotFoundError: No module named 'frobnicate'\n"
+           "Cannot import /ws/ComfyUI/custom_nodes/node-b module for custom nodes: "
+           "No module named 'frobnicate'\n\nImport times for custom nodes:\n"
+           "   0.0 seconds: /ws/ComfyUI/custom_nodes/websocket_image_save.py\n"
+           "\x1b[33m   0.0 seconds (IMPORT FAILED): /ws/ComfyUI/custom_nodes/node-b\x1b[0m\n"
+           "   0.3 seconds: /ws/ComfyUI/custom_nodes/ComfyUI-Manager/\n\n"
+           "To see the GUI go to: http://127.0.0.1:8188\n")
+    ok, failed = parse_imports(log)
+    assert ok == {"websocket_image_save.py", "ComfyUI-Manager"}
+    assert failed == {"node-b": "No module named 'frobnicate'"}
+    assert parse_imports("no custom nodes here\n") is None
+    # only the latest start counts
+    again = log + "starting again\n\nImport times for custom nodes:\n" \
+        "   0.0 seconds: /ws/ComfyUI/custom_nodes/node-b\n"
+    assert parse_imports(again) == ({"node-b"}, {})
+
+
+def test_a_comfyui_nobody_supervises_is_not_restarted_and_the_report_says_so(ws):
+    from agent.updates.verify import restart_and_check
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        ws.config["comfyui"].update({"port": s.getsockname()[1],
+                                     "args": ["--listen", "127.0.0.1"]})
+        ws.save()
+        check = restart_and_check(load(ws.config_path, ws.root), "test", set(), False,
+                                  lambda text: None)
+    assert check.ok and check.how == "skipped"
+    assert check.detail.startswith("not verified: port ") and "no agent supervises" in check.detail

@@ -95,7 +95,9 @@ class Report:
             out.append(f"{verb}: {c['name']} {short(c['from'])} -> {short(c['to'])}{n}")
         if self.packages:
             out.append(f"packages: {self.packages}")
-        if self.verification:
+        if self.verification.startswith("not verified"):
+            out.append(self.verification)
+        elif self.verification:
             out.append(f"verified: {self.verification}" if self.ok or not self.failed
                        else f"verification: {self.verification}")
         for f in self.failed:
