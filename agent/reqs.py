@@ -63,17 +63,25 @@ def _logical_lines(text: str) -> Iterable[tuple[int, str]]:
 _COMMENT = re.compile(r"(^|\s)#.*$")
 
 
-def read_file(path: Path, _seen: set[str] | None = None) -> tuple[list[Req], list[Path]]:
+def read_file(path: Path) -> tuple[list[Req], list[Path]]:
     """Requirements in a file (following -r includes) and the list of files read."""
-    seen = _seen if _seen is not None else set()
+    reqs, files = _read(os.fspath(path), set())
+    return reqs, [Path(f) for f in files]
+
+
+def read_reqs(path: Path | str) -> list[Req]:
+    """The requirements alone (what a probe needs: no list of files)."""
+    return _read(os.fspath(path), set())[0]
+
+
+def _read(path: str, seen: set[str]) -> tuple[list[Req], list[str]]:
     # normpath: `-r ../requirements.txt` from an included file must be recognised as seen,
     # or two files including each other recurse until the path is too long.
-    key = os.path.normpath(os.path.abspath(path))
-    if key in seen:
+    path = os.path.normpath(os.path.abspath(path))
+    if path in seen:
         return [], []
-    seen.add(key)
-    path = Path(key)
-    with open(key, encoding="utf-8", errors="replace") as fh:
+    seen.add(path)
+    with open(path, encoding="utf-8", errors="replace") as fh:
         text = fh.read()
     reqs: list[Req] = []
     files = [path]
@@ -85,9 +93,9 @@ def read_file(path: Path, _seen: set[str] | None = None) -> tuple[list[Req], lis
         inc = _INCLUDE.match(line)
         if inc:
             if inc.group(1) in ("-r", "--requirement"):
-                target = (path.parent / inc.group(3).strip()).absolute()
-                if target.is_file():
-                    more, more_files = read_file(target, seen)
+                target = os.path.join(os.path.dirname(path), inc.group(3).strip())
+                if os.path.isfile(target):
+                    more, more_files = _read(target, seen)
                     reqs += more
                     files += more_files
             continue

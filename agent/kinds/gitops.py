@@ -28,10 +28,18 @@ _READ_LIMIT = 4096  # HEAD, a loose ref and a .git file are one short line
 
 
 def _read_small(path: str) -> str | None:
-    """The first _READ_LIMIT bytes of a regular file as text; None for anything else (never
-    blocks on a FIFO)."""
-    data = _read_regular(path, _READ_LIMIT)
-    return None if data is None else data.decode("utf-8", "replace").strip()
+    """The first _READ_LIMIT bytes of a file as text; None when it cannot be read (a folder
+    fails to read, a FIFO answers EAGAIN: O_NONBLOCK never waits)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except (OSError, ValueError):  # ValueError: a NUL in the path
+        return None
+    try:
+        return os.read(fd, _READ_LIMIT).decode("utf-8", "replace").strip()
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
 
 
 def _read_regular(path: str, limit: int | None = None) -> bytes | None:
@@ -168,27 +176,27 @@ def deps_digest(dest: Path) -> str:
     found = False
     for name in ("requirements.txt", "install.py"):
         path = os.path.join(dest, name)
-        try:
-            mode = os.stat(path).st_mode
-        except (OSError, ValueError):
-            continue
-        if not stat.S_ISREG(mode):
-            continue
+        data = _read_regular(path)
+        if data is None:  # absent, not a regular file, or a regular file we cannot read
+            try:
+                if not stat.S_ISREG(os.stat(path).st_mode):
+                    continue
+            except (OSError, ValueError):
+                continue
         found = True
         h.update(path.encode())
-        data = _read_regular(path)
         h.update(b"<missing>" if data is None else data)
     return h.hexdigest()[:16] if found else "-"
 
 
 def deps_problem(ctx: Ctx, dest: Path, recorded_digest: str | None) -> tuple[State, str] | None:
-    from agent.reqs import read_file
+    from agent.reqs import read_reqs
 
     if recorded_digest and recorded_digest != deps_digest(dest):
         return State.STALE, f"{dest.name}: requirements.txt or install.py changed"
-    req = requirements_file(dest)
-    if req.is_file():
-        reqs, _ = read_file(req)
+    req = os.path.join(dest, "requirements.txt")
+    if os.path.isfile(req):
+        reqs = read_reqs(req)
         problems = requirement_problems(ctx, reqs)
         if problems:
             more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
