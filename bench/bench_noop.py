@@ -33,8 +33,10 @@ ENV = dict(os.environ, POD_AGENT_GPU="0", GIT_CONFIG_NOSYSTEM="1")
 ENV.pop("PYTHONDONTWRITEBYTECODE", None)  # as on a pod: modules compiled once, not every run
 
 
-def agent(ws: dict, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "agent", *args, *ws["args"]], cwd=ROOT,
+def agent(ws: dict, *args: str, tree: Path = ROOT) -> subprocess.CompletedProcess:
+    # through -m (runpy: ~3 ms more than the `pod-agent` console script): the same for any
+    # tree (--old runs another checkout's agent package from its own folder)
+    return subprocess.run([sys.executable, "-m", "agent", *args, *ws["args"]], cwd=tree,
                           capture_output=True, text=True, env=ENV)
 
 
@@ -61,6 +63,15 @@ RUNS = {
     "status": lambda ws: checked("status", agent(ws, "status", "--json"), 0, '"healthy"'),
     "lower": lambda ws: checked("lower bound", lower(ws), 0),
 }
+
+
+def old_runs(tree: Path) -> dict:
+    return {
+        "install (old)": lambda ws: checked("old install", agent(ws, "install", tree=tree), 0,
+                                            "Nothing to do"),
+        "status (old)": lambda ws: checked("old status", agent(ws, "status", "--json",
+                                                              tree=tree), 0, '"healthy"'),
+    }
 
 
 def slope(points: list[tuple[int, float]]) -> float:
@@ -131,7 +142,11 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--nodes", default="10,50,200,500")
+    parser.add_argument("--old", type=Path, help="another checkout (e.g. `git worktree add "
+                        "/tmp/old <commit>`): its install/status run in the same rounds")
     opts = parser.parse_args()
+    if opts.old:
+        RUNS.update(old_runs(opts.old.resolve()))
     counts = [int(n) for n in opts.nodes.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
@@ -181,6 +196,15 @@ def main() -> None:
             each = ", ".join(f"{n}: {inproc[(n, 'install')] * 1000:.1f}" for n in counts)
             print(f"per node, in process (config load + the check, medians): install "
                   f"{per['install']:.3f} ms, status {per['status']:.3f} ms (install, ms: {each})")
+        if opts.old:
+            print()
+            print(f"the same rounds, the agent of {opts.old}:")
+            print()
+            print("| nodes | `install` old -> new | `status --json` old -> new |")
+            print("|---:|---:|---:|")
+            for n in counts:
+                print(f"| {n} | {med[(n, 'install (old)')]:.3f} -> {med[(n, 'install')]:.3f} | "
+                      f"{med[(n, 'status (old)')]:.3f} -> {med[(n, 'status')]:.3f} |")
         print()
         for line in catches(spaces[counts[0]], built["python"]):
             print(f"- caught: {line}")
