@@ -59,6 +59,14 @@ for p in sys.path:
             continue
         key = name.lower().replace('_', '-').replace('.', '-')
         dists.setdefault(key, ver)
+try:  # the user site is on sys.path only once it exists: watch for it to appear
+    import site
+    if site.ENABLE_USER_SITE is not False:
+        user = site.getusersitepackages()
+        if user not in sys.path:
+            paths.append([user, os.stat(user).st_mtime_ns if os.path.isdir(user) else None])
+except Exception:
+    pass
 iv = sys.implementation.version
 impl_ver = '%d.%d.%d' % (iv.major, iv.minor, iv.micro)
 if iv.releaselevel != 'final':

@@ -308,3 +308,24 @@ def test_noop_commands_import_nothing_heavy(installed):
         assert proc.returncode == 0, proc.stdout + proc.stderr
         loaded = proc.stderr.split("LOADED", 1)[1].split()
         assert loaded == [], (args, loaded)
+
+
+@pytest.mark.slow
+def test_listing_cache_sees_a_user_site_that_appears(tmp_path, wheels, monkeypatch):
+    """An interpreter outside a venv (an image's python) gets a user site on sys.path only once
+    that folder exists: `pip install --user` creating it must not go unseen."""
+    python = Path(sys.base_prefix) / "bin" / "python3"
+    probe = subprocess.run([str(python), "-c", "import site; print(site.ENABLE_USER_SITE)"],
+                           capture_output=True, text=True)
+    if probe.stdout.strip() != "True":
+        pytest.skip("the base interpreter has no user site")
+    monkeypatch.setenv("PYTHONUSERBASE", str(tmp_path / "userbase"))
+    cache = tmp_path / "cache"
+    before = pyenv.spawned
+    assert "podtest-gamma" not in pyenv.inspect(python, cache=cache).dists
+    assert "podtest-gamma" not in pyenv.inspect(python, cache=cache).dists
+    assert pyenv.spawned - before == 1  # cached (the base interpreter's folders are settled)
+    subprocess.run([str(python), "-m", "pip", "install", "-q", "--user", "--no-index",
+                    "--find-links", str(wheels), "podtest-gamma"], check=True,
+                   capture_output=True, stdin=subprocess.DEVNULL)
+    assert pyenv.inspect(python, cache=cache).dists.get("podtest-gamma") == "1.0"
