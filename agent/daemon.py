@@ -373,6 +373,9 @@ class Daemon:
         """Right before the supervisor spawns ComfyUI: drift since the last look, then what this
         ComfyUI is started with. Never stops a start."""
         try:
+            # node changes made before this start are loaded by it: a node event that arrives
+            # after it (an update's checkouts, debounced) is not a reason to restart again
+            self._snapshot_nodes()
             dists = self._drift_check("between checks", None, wait=0.0)
             self._loaded = self._loaded_now(dists)
             self._await_ready = True
