@@ -11,16 +11,16 @@ from typing import Any, Optional
 import click
 
 from agent.clikit import Exit, age, common, err, handled, json_option, load, out
-from agent.clikit import check_workspace  # noqa: F401 - re-exported for the tests
 from agent.model import AgentError, ConfigError
 
 # ----------------------------------------------------------------------------- install
 class _Printer:
     """Progress: a live line with step and elapsed time on a TTY, plain lines otherwise."""
 
-    def __init__(self, enabled: bool):
+    def __init__(self, enabled: bool, own_progress: frozenset[str] = frozenset()):
         self.enabled = enabled
         self.tty = enabled and sys.stdout.isatty()
+        self.own_progress = own_progress  # components that draw their own bar (downloads)
         self._status = None
         self._started = 0.0
         self._name = ""
@@ -33,7 +33,7 @@ class _Printer:
         why = f" ({step.reason})" if step.reason else ""
         self._name = step.name
         self._started = time.monotonic()
-        if self.tty:
+        if self.tty and step.name not in self.own_progress:
             from rich.console import Console
 
             console = Console()
@@ -90,7 +90,10 @@ def install(names: tuple[str, ...], force: bool, json_out: bool, workspace: Opti
     clean_temps(conf)  # temp files of writes a kill -9 cut short
     from agent.updates import recover_at_start
     recover_at_start(conf, err if json_out else out)  # an update cut short: finish or undo it
-    printer = _Printer(enabled=not json_out)
+    from agent.kinds import KINDS
+
+    printer = _Printer(enabled=not json_out, own_progress=frozenset(
+        n for n, c in conf.components.items() if getattr(KINDS.get(c.kind), "OWN_PROGRESS", False)))
     report = Executor(conf, reporter=printer).run(list(names) or None, force=force)
     if json_out:
         out(json.dumps({"ok": report.ok, "changed": report.changed, "outcomes": [

@@ -65,7 +65,6 @@ def stop_group(pgid: int, members: list, timeout: float, kill_wait: float = KILL
     replaces os.killpg(pgid, sig); `on_gone(proc)` is called for each member that ended (a
     child's exit status is in proc.returncode: psutil reaped it). Returns True when SIGKILL was
     needed."""
-    import psutil
 
     def killpg(sig: int) -> None:
         try:

@@ -877,7 +877,7 @@ def restore_cli(config: Config, snap: dict[str, Any], source: Path, prune: bool 
     from agent.updates import git as ugit
     from agent.updates import packages
     from agent.updates import verify as checks
-    from agent.usernodes import managed, remember
+    from agent.usernodes import remember
 
     say = progress or (lambda text: None)
     reason = f"snapshot restore {source}"

@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 from agent import health, markers
-from agent.cli_core import _cell, check_workspace, render_status
+from agent.cli_core import _cell, render_status
+from agent.clikit import check_workspace
 from agent.fserr import FsError
 from tests.kit import counting, install, status, tree_snapshot, use
 from tests.helpers import run_cli
