@@ -243,7 +243,7 @@ class Daemon:
         if changed or batch.restart:
             why = ("installed " + ", ".join(changed)) if changed else "; ".join(
                 dict.fromkeys(batch.reasons))
-            self.supervisor.request_restart(why, urgent=False)
+            self._request_restart(why)
 
     def _after_bg(self, rec: Reconciler, report: Report, batch: Batch) -> None:
         self._note_failures(report)
@@ -258,7 +258,15 @@ class Daemon:
         if changed and self._comfy_started:
             changed = self._loaded_changed(changed)
         if changed and self._comfy_started:
-            self.supervisor.request_restart("installed " + ", ".join(changed), urgent=False)
+            self._request_restart("installed " + ", ".join(changed))
+
+    def _request_restart(self, why: str) -> None:
+        """A restart a reconcile pass asks for. While `pod-agent update` runs (agent/updates)
+        it is the update's: it restarts ComfyUI itself once all its changes are in place."""
+        if updates.running(self.config):
+            logger.info(f"ComfyUI restart ({why}) left to the update in progress")
+            return
+        self.supervisor.request_restart(why, urgent=False)
 
     def _start_comfyui(self, why: str) -> None:
         if not self.start_comfyui or self._comfy_started:

@@ -15,7 +15,7 @@ from agent.config import load
 from tests.helpers import (ROOT, commit_files, git, installed_dists, make_repo, run_cli,
                            wait_for)
 from tests.kit import install, status
-from tests.test_daemon import aws, service  # noqa: F401 - the agent fixture
+from tests.test_daemon import aws, service, starts  # noqa: F401 - the agent fixture
 
 FAKE = ROOT / "tests" / "fake_comfyui" / "main.py"
 
@@ -214,10 +214,13 @@ def test_updates_through_the_running_agent(aws):
     new_a = commit_files(ws.upstreams / "node-a", {"requirements.txt": "podtest-nodea\n"
                                                    "podtest-nodec\n"}, "a new requirement")
     pid = service(ws)["pid"]
+    started = len(starts(ws))
     proc = update(ws, "node-a", expect=0)
     assert "restarting ComfyUI through the running agent" in proc.stdout, proc.stdout
     assert "verified: ComfyUI answers; 3 custom nodes imported" in proc.stdout, proc.stdout
     assert head(node_a) == new_a and service(ws)["pid"] != pid
+    # one restart: the agent did not restart ComfyUI on its own while the update installed
+    assert len(starts(ws)) == started + 1, starts(ws)[started:]
     # the agent looked at the packages when it restarted ComfyUI: the update's own new
     # package is not drift
     conf = load(ws.config_path, ws.root)

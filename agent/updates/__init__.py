@@ -25,6 +25,11 @@ def recover_at_start(conf, say: Callable[[str], None]) -> None:
     engine.recover_at_start(conf, say)
 
 
+def running(conf) -> bool:
+    """An update, rollback or snapshot restore is under way (its journal exists); one stat."""
+    return (Path(conf.state_dir) / "updates" / "journal.json").exists()
+
+
 def recover_orphan(conf, say: Callable[[str], None]) -> None:
     """For the running agent (a job every few seconds): a journal whose writer died while the
     agent runs (the CLI killed, or interrupted twice) is finished or undone now, not at the next
@@ -32,9 +37,15 @@ def recover_orphan(conf, say: Callable[[str], None]) -> None:
     journal; never raises."""
     if not (Path(conf.state_dir) / "updates" / "journal.json").exists():
         return
-    from agent.updates import engine
+    from agent.updates import engine, verify
 
-    engine.recover_at_start(conf, say)
+    said: list[str] = []
+    engine.recover_at_start(conf, lambda text: (said.append(text), say(text)))
+    if said and not running(conf):  # ComfyUI back on what is on disk now (queue-aware)
+        try:
+            verify.request_restart(conf, wait_answer=10.0)
+        except OSError as exc:
+            say(f"cannot ask for a ComfyUI restart after the recovery: {exc}")
 
 
 def activity(conf) -> tuple:

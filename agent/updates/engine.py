@@ -349,6 +349,10 @@ def _forward_and_verify(conf, j, say, verify_comfyui, before_imports, reason,
                 report.import_errors = dict(check.failed)
         elif not problems:
             report.verification = "component probes pass (ComfyUI not restarted)"
+            if verify.agent_running(conf) is not None:  # it loads the change, unchecked
+                verify.request_restart(conf, wait_answer=10.0)
+                report.verification = ("component probes pass; the running agent restarts "
+                                       "ComfyUI (imports not checked)")
     return problems, check
 
 
@@ -453,6 +457,8 @@ def _rollback(conf, j: dict, say, restart: bool, before_imports=None,
     problems += [f"still failing after the rollback: {p}"
                  for p in _probe_failures(conf, set(j["before"].get("ok") or ()))]
     check = None
+    if not restart and not recovering and verify.agent_running(conf) is not None:
+        verify.request_restart(conf, wait_answer=10.0)  # the supervised ComfyUI: old state
     if restart and not problems:
         check = verify.restart_and_check(
             conf, f"rollback of {j['id']}", {e["name"] for e in j["changes"]}, False, say,

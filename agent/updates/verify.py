@@ -197,7 +197,7 @@ def _through_agent(conf, reason, before, changed_nodes, whole, say, limit) -> Ch
     log = Path(conf.comfyui.log)
     offset, ident = log_mark(log)
     old = _service(conf).get("pid")
-    req = _request_restart(conf)
+    req = request_restart(conf)
     say("restarting ComfyUI through the running agent (after its queue is empty)")
     max_wait = float(conf.agent.get("restart_max_wait", 0) or 0)
     deadline = time.monotonic() + limit + max(max_wait, 60.0)
@@ -307,11 +307,24 @@ def _stop(proc: subprocess.Popen, grace: float = 20.0) -> None:
         pass
 
 
-def _request_restart(conf) -> Path:
-    """The request `pod-agent restart comfyui` writes (agent/services.py takes it)."""
+def request_restart(conf, wait_answer: float = 0.0) -> Path:
+    """The request `pod-agent restart comfyui` writes (agent/services.py takes it and answers
+    in a `.answer` file). wait_answer > 0: a request nobody waits on: its answer is waited for
+    that long and removed (none left behind)."""
     from agent.services import REQUESTS_DIR
 
     folder = conf.runtime_dir / REQUESTS_DIR
     req = folder / f"restart-{time.time_ns()}-{os.getpid()}.json"
     atomic_write(req, json.dumps({"name": "comfyui", "now": False}))
+    answer = req.with_suffix(".answer")
+    deadline = time.monotonic() + wait_answer
+    while wait_answer > 0:
+        if answer.exists() or time.monotonic() > deadline:
+            for stale in (answer, req):
+                try:
+                    stale.unlink()
+                except OSError:
+                    pass
+            break
+        time.sleep(0.1)
     return req
