@@ -20,6 +20,17 @@ def _say(json_out: bool):
     return lambda text: clikit.err(text) if "interrupted" in text else None
 
 
+def _existing(config, workspace, what: str):
+    """The config, for a workspace that exists (nothing to update or roll back otherwise)."""
+    from agent.model import AgentError
+
+    conf = clikit.load(config, workspace)
+    if not conf.workspace.is_dir():
+        raise AgentError(f"the workspace {conf.workspace} does not exist: nothing to {what}; "
+                         "pass the right --workspace (or POD_AGENT_WORKSPACE)")
+    return conf
+
+
 def _plan_line(p) -> str:
     u = p.unit
     if p.error:
@@ -70,7 +81,7 @@ def update(names: tuple[str, ...], all_: bool, dry_run: bool, force: bool, no_ve
                          "--all")
     if names and all_:
         raise AgentError("give names or --all, not both")
-    conf = clikit.load(config, workspace, create=True)
+    conf = _existing(config, workspace, "update")
     say = _say(json_out)
     if not dry_run:
         recover_at_start(conf, say)
@@ -137,7 +148,7 @@ def rollback(to: Optional[str], no_verify: bool, json_out: bool, workspace: Opti
     from agent.updates import recover_at_start
     from agent.updates import rollback as do_rollback
 
-    conf = clikit.load(config, workspace, create=True)
+    conf = _existing(config, workspace, "roll back")
     say = _say(json_out)
     recover_at_start(conf, say)
     report = do_rollback(conf, to, "cli", say, verify_comfyui=not no_verify)
