@@ -1,8 +1,8 @@
 """`pod-agent run`: wiring, signals, shutdown.
 
-Threads: the main thread (housekeeping every 0.25 s: debounced node changes, watch refresh,
+Threads: the main thread (housekeeping every 0.5 s: debounced node changes, watch refresh,
 SIGHUP reload, orphan reaping as PID 1, state files), the supervisor's tick thread, two reconcile
-workers (foreground components, then background ones), the watchdog observer, APScheduler's
+workers (foreground components, then background ones), the watcher's one thread, APScheduler's
 timer and worker threads (periodic reconcile, one job per health check: agent/health.py) and the
 HTTP endpoint's threads (agent/http.py: one accepting, a fixed pool of workers). Everything
 that wants work done calls `request`; nothing else installs.
@@ -41,7 +41,7 @@ from agent.watch import Events, Watcher, node_signature
 
 SAGE_FLAG = "--use-sage-attention"
 MARKER_QUIET = 0.5  # a burst of events ends after this much quiet (or at marker_debounce)
-HOUSEKEEPING_INTERVAL = 0.25  # node debounce, watch refresh, SIGHUP, reaping, state files
+HOUSEKEEPING_INTERVAL = 0.5  # node debounce, watch refresh, SIGHUP, reaping, state files
 BOOT_GRACE = 10.0  # seconds before the first health checks: the boot reconcile goes first
 SAGE_COMPONENT = "sageattention"
 DRIFT_REPEATS = 3  # the same drift this many times in a row: reported, no longer re-checked
@@ -321,7 +321,9 @@ class Daemon:
 
     # ------------------------------------------------------------------ restart decision, drift
     def _dists(self) -> dict[str, str] | None:
-        return envdrift.dists(self.config.comfyui.python)
+        cache = self.config.state_dir / "cache"
+        return envdrift.dists(self.config.comfyui.python,
+                              cache=cache if self.config.state_dir.is_dir() else None)
 
     def _loaded_now(self, dists: dict[str, str] | None = None) -> tuple:
         return envdrift.loaded(self.config, self.watcher.custom_nodes,

@@ -29,10 +29,11 @@ TAIL_BYTES = 64 * 1024  # how much of the history the `drift` check reads
 SHOWN = 8  # distributions named in a summary line
 
 
-def dists(python: Path, timeout: float = 15.0) -> dict[str, str] | None:
-    """name -> version of the interpreter's distributions; None when it cannot be read."""
+def dists(python: Path, timeout: float = 15.0, cache: Path | None = None) -> dict[str, str] | None:
+    """name -> version of the interpreter's distributions; None when it cannot be read. With
+    `cache` (a folder, agent/pyenv.py), an unchanged interpreter is read without a process."""
     try:
-        return dict(inspect(python, timeout=timeout).dists)
+        return dict(inspect(python, timeout=timeout, cache=cache).dists)
     except PythonUnavailable:
         return None
     except Exception:  # noqa: BLE001 - a timeout or an odd interpreter: no fingerprint
