@@ -75,7 +75,8 @@ def units(conf) -> list[Unit]:
                             s.get("requirements") == "auto"))
         elif comp.kind == "nodes":
             for node in s["nodes"]:
-                if node["enabled"]:
+                # a registry node (from a config snapshot) is a versioned zip, not a checkout
+                if node["enabled"] and not node.get("cnr"):
                     out.append(Unit(node["name"], Path(s["dest"]) / node["name"], name,
                                     node["repo"], node.get("ref"), "node",
                                     s.get("requirements") == "auto"))
