@@ -176,6 +176,32 @@ def test_public_key_from_the_environment_before_sshd_starts(tmp_path):
     assert "\n" not in str(err.value) and "authorized_keys" in str(err.value), err.value
 
 
+def test_readme_init_script_sshd_keeps_the_key_and_the_auto_rule(tmp_path):
+    """The README's `service ssh start` body (tried by hand against a real sshd) is a whole
+    body: it keeps PUBLIC_KEY's authorized_keys and `auto`, and has no port (the forked daemon
+    would hold it after an agent restart). A body of only command and restart would lose both."""
+    import re
+    import textwrap
+
+    import yaml
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    blocks = [textwrap.dedent(b) for b in re.findall(r"```yaml\n(.*?)```", readme, re.S)
+              if "service ssh start" in b]
+    assert len(blocks) == 1, blocks
+    cfg = _load(tmp_path, overlay=yaml.safe_load(blocks[0]))
+    sshd = cfg.services["sshd"]
+    assert sshd.shell and "service ssh start" in sshd.command and sshd.restart == "never"
+    assert sshd.port is None and sshd.ready is None
+    assert sshd.auto_off({}) == "PUBLIC_KEY is not set"
+    home = tmp_path / "home"
+    prepare(sshd, {"HOME": str(home), "PUBLIC_KEY": KEY_A})
+    assert (home / ".ssh" / "authorized_keys").read_text() == KEY_A + "\n"
+    bare = _load(tmp_path, {"sshd": {"command": "service ssh start", "restart": "never"}})
+    assert bare.services["sshd"].authorized_keys is None
+    assert bare.services["sshd"].auto_off({}) is None  # would run without PUBLIC_KEY
+
+
 # --------------------------------------------------------------------------- hooks
 def test_hooks_run_when_present_with_their_output_in_the_log(tmp_path):
     log = tmp_path / "logs" / "hooks.log"
