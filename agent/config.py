@@ -23,8 +23,6 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-import yaml
-
 from agent.model import ComfyUISettings, Component, Config, ConfigError
 from agent.redact import register_config
 
@@ -92,101 +90,10 @@ def _tag(tag: str) -> str:
     return "!!" + tag[len("tag:yaml.org,2002:"):] if tag.startswith("tag:yaml.org,2002:") else tag
 
 
-class _Loader(yaml.SafeLoader):
-    """SafeLoader with bounds: nesting depth, keys per mapping (merges included), and a
-    constructor that fails on a bad value (`!!int 12abc`, `!!timestamp x`) is a config error
-    at the value's line, not a Python exception."""
-
-    def __init__(self, stream: str, name: str):
-        super().__init__(stream)
-        self.name = name
-        self._depth = 0
-
-    def compose_node(self, parent: Any, index: Any) -> Any:
-        self._depth += 1
-        try:
-            if self._depth > MAX_DEPTH:
-                mark = self.peek_event().start_mark
-                raise ConfigError(f"{self.name}:{mark.line + 1}: the YAML is nested deeper "
-                                  f"than {MAX_DEPTH} levels")
-            return super().compose_node(parent, index)
-        finally:
-            self._depth -= 1
-
-    def flatten_mapping(self, node: yaml.MappingNode) -> None:
-        total = len(node.value)
-        for key_node, value_node in node.value:
-            if key_node.tag != "tag:yaml.org,2002:merge":
-                continue
-            subs = [value_node] if isinstance(value_node, yaml.MappingNode) else \
-                value_node.value if isinstance(value_node, yaml.SequenceNode) else []
-            for sub in subs:
-                if isinstance(sub, yaml.MappingNode):
-                    self.flatten_mapping(sub)
-                    total += len(sub.value)
-            if total > MAX_MAPPING_KEYS:
-                break
-        if total > MAX_MAPPING_KEYS:
-            raise ConfigError(f"{self.name}:{node.start_mark.line + 1}: a mapping with more "
-                              f"than {MAX_MAPPING_KEYS} keys (`<<` merges included)")
-        super().flatten_mapping(node)
-
-    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
-        try:
-            return super().construct_object(node, deep)
-        except (yaml.YAMLError, ConfigError):
-            raise
-        except RecursionError:
-            raise ConfigError(f"{self.name}:{node.start_mark.line + 1}: the YAML is nested "
-                              "too deeply") from None
-        except Exception as exc:  # noqa: BLE001 - any constructor failing on this value
-            shown = _show(node.value) if isinstance(node, yaml.ScalarNode) else node.id
-            detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise ConfigError(f"{self.name}:{node.start_mark.line + 1}: invalid value "
-                              f"{shown} for {_tag(node.tag)} ({detail[:100]})") from None
-
-
-def _construct_map(loader: _Loader, node: yaml.MappingNode) -> _Map:
-    explicit = sum(1 for key_node, _ in node.value if key_node.tag != "tag:yaml.org,2002:merge")
-    loader.flatten_mapping(node)  # the pairs merged in by `<<` come first
-    merged = len(node.value) - explicit
-    out = _Map()
-    out.where = (loader.name, node.start_mark.line + 1)
-    out.src = {}
-    from_merge: set[str] = set()
-    for index, (key_node, value_node) in enumerate(node.value):
-        key = loader.construct_object(key_node, deep=True)
-        line = key_node.start_mark.line + 1
-        if not isinstance(key, str):
-            raise ConfigError(f"{loader.name}:{line}: a key must be text, got {_show(key)} "
-                              "(quote it, or fix the indentation)")
-        if index < merged:  # YAML merge: the first mapping that has the key wins ...
-            if key in out:
-                continue
-            from_merge.add(key)
-        elif key in from_merge:  # ... and a key written here wins over every merged one
-            from_merge.discard(key)
-        elif key in out:
-            raise ConfigError(f"{loader.name}:{line}: duplicate key {_show(key)}")
-        out[key] = loader.construct_object(value_node, deep=True)
-        out.src[key] = (loader.name, line)
-    return out
-
-
 class _Seq(list):
     """A list that remembers the line of each item."""
 
     lines: list[int]
-
-
-def _construct_seq(loader: _Loader, node: yaml.SequenceNode) -> _Seq:
-    out = _Seq(loader.construct_object(child, deep=True) for child in node.value)
-    out.lines = [child.start_mark.line + 1 for child in node.value]
-    return out
-
-
-_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_map)
-_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_SEQUENCE_TAG, _construct_seq)
 
 
 def default_config_path() -> Path:
@@ -258,26 +165,24 @@ def read_text(path: Path, what: str = "config file") -> str:
     return text
 
 
-def load_yaml(path: Path, what: str = "config file") -> _Map:
+def load_yaml(path: Path, what: str = "config file", cache_ws: Path | None = None) -> _Map:
+    """The file's mapping, each key and item with its line. With `cache_ws` (the workspace), a
+    file parsed before with the same bytes is read from `<workspace>/.pod-agent/cache/`
+    (agent/yamlcache.py) without importing PyYAML: the parse is the largest fixed cost of a
+    no-op command."""
     text = read_text(path, what)
-    loader = _Loader(text, str(path))
-    try:
-        data = loader.get_single_data()
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        line = mark.line + 1 if mark else 0
-        raise ConfigError(f"{path}:{line}: invalid YAML: {exc.problem or exc.context}") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: invalid YAML: {str(exc).splitlines()[0]}") from None
-    except RecursionError:
-        raise ConfigError(f"{path}: the YAML is nested too deeply") from None
-    finally:
-        loader.dispose()
+    from agent import yamlcache
+
+    entry = yamlcache.entry(cache_ws, path, text)
+    data = yamlcache.read(entry, str(path), _Map, _Seq) if entry is not None else None
     if data is None:
-        data = _Map()
-        data.where, data.src = (str(path), 1), {}
-    if not isinstance(data, _Map):
-        raise ConfigError(f"{path}:1: the top level must be a mapping of keys")
+        from agent.yamlload import parse
+
+        data = parse(text, path)
+        _inspect(data)
+        if entry is not None:
+            yamlcache.write(entry, data, _Map, _Seq)
+        return data
     _inspect(data)
     return data
 
@@ -722,19 +627,20 @@ def load(config_path: str | Path | None = None, workspace: str | Path | None = N
     """Build the desired state from the base config (built-in or --config) and the overlay."""
     config_path = config_path or os.environ.get("POD_AGENT_CONFIG") or None
     base_file = Path(config_path) if config_path else default_config_path()
-    data = load_yaml(base_file)
+    ws_given = workspace or os.environ.get("POD_AGENT_WORKSPACE") or None
+    given = _workspace_path(ws_given, None) if ws_given is not None else None
+    data = load_yaml(base_file, cache_ws=given)
     sources = [str(base_file)]
 
-    ws_given = workspace or os.environ.get("POD_AGENT_WORKSPACE") or None
-    if ws_given is not None:
-        ws = _workspace_path(ws_given, None)
+    if given is not None:
+        ws = given
     elif data.get("workspace") not in (None, ""):
         ws = _workspace_path(data["workspace"], data)
     else:
         ws = Path(DEFAULT_WORKSPACE)
     overlay = ws / OVERLAY_NAME
     if _overlay_exists(overlay):
-        over = load_yaml(overlay, "overlay")
+        over = load_yaml(overlay, "overlay", cache_ws=ws)
         data = _merge(data, over)
         sources.append(str(overlay))
         if ws_given is None and over.get("workspace") not in (None, ""):
