@@ -93,6 +93,27 @@ def test_v3_then_comfyui_ships_v4_requirements_switches_to_the_package(mws):
 
 
 @pytest.mark.slow
+def test_back_to_v3_reenables_the_parked_clone(mws):
+    """v4 moved the v3 clone to .disabled; going back to v3 (ComfyUI rolled back, or forced)
+    moves that clone back instead of cloning again and leaving a copy in .disabled."""
+    clone = mws.comfyui / "custom_nodes" / "ComfyUI-Manager"
+    parked = mws.comfyui / "custom_nodes" / ".disabled" / "ComfyUI-Manager"
+    install(mws)
+    (clone / "sentinel.txt").write_text("the same clone\n")  # untracked: survives only a move
+    _ship_v4(mws)
+    install(mws)
+    assert not clone.exists() and (parked / "sentinel.txt").is_file()
+    mws.config["components"]["comfyui_manager"]["generation"] = "v3"
+    mws.save()
+    install(mws)
+    assert (clone / "sentinel.txt").is_file(), "cloned again instead of re-enabled"
+    assert not parked.exists()
+    code, st = status(mws)
+    assert code == 0 and st["components"]["comfyui_manager"]["state"] == "installed", st
+    assert st["components"]["comfyui_manager"]["version"].startswith("v3 git ")
+
+
+@pytest.mark.slow
 def test_forcing_a_generation(mws):
     commit_files(mws.upstreams / "ComfyUI", {"manager_requirements.txt": PIN}, "manager v4")
     mws.config["components"]["comfyui_manager"]["generation"] = "v3"

@@ -108,9 +108,25 @@ def _disable_v3(comp: Component) -> Path | None:
     return target
 
 
+def _enable_v3(comp: Component) -> Path | None:
+    """Back to v3 (a rollback of ComfyUI, generation: v3): the clone that v4 moved to
+    custom_nodes/.disabled/ comes back to dest instead of a new clone (no copy left behind)."""
+    dest = Path(comp.spec["dest"])
+    parked = dest.parent / ".disabled" / dest.name
+    if dest.exists() or not (parked / ".git").exists():
+        return None
+    parked.rename(dest)
+    return parked
+
+
 def install(comp: Component, ctx: Ctx, marker: Marker | None = None) -> dict[str, str]:
     s = comp.spec
     if _gen(comp, ctx) == "v3":
+        parked = _enable_v3(comp)
+        if parked is not None:
+            with open(comp.log, "a") as fh:
+                fh.write(f"=== {comp.name}: v3 in use; the clone {parked} moved back to "
+                         f"{s['dest']}\n")
         commit = gitops.ensure_checkout(comp, ctx, s["repo"], s["dest"], s["ref"], s["depth"],
                                         s["update"], comp.name)
         meta = {"version": f"v3 git {commit[:12]}", "commit": commit, "generation": "v3"}
