@@ -128,7 +128,8 @@ def test_sigterm_ignored_means_sigkill_after_stop_timeout_and_nothing_left(rig):
     wait_for(ticking(svc, lambda: state(svc) == "running"), 10, what="running")
     pid = svc.snapshot()["pid"]
     assert os.getpgid(pid) == pid  # its own session and group
-    wait_for(lambda: "up" in (rig.root / "logs" / "svc.log").read_text(), 10, what="its output")
+    wait_for(lambda: f"service {pid} up" in (rig.root / "logs" / "svc.log").read_text(), 10,
+             what="its output (SIGTERM ignored by then)")
     began = time.monotonic()
     svc.stop()
     took = time.monotonic() - began

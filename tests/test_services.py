@@ -330,14 +330,15 @@ def test_restart_policies_and_backoff(tmp_path, managers):
 
 @pytest.mark.slow  # real processes, stop ladders
 def test_a_service_ignoring_sigterm_is_killed_after_its_stop_timeout(tmp_path, managers):
+    # the log's header quotes the command: wait for a line only the running code can print
     code = ("import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
-            "print('up', flush=True); time.sleep(600)")
+            "print('sigterm' + '-ignored', flush=True); time.sleep(600)")
     cfg = services_config(tmp_path, {"stubborn": py(code, stop_timeout=1)})
     m = managers(cfg)
     m.start()
     pid = wait_for(lambda: state(m, "stubborn")["pid"], timeout=30, what="it to start")
-    wait_for(lambda: "up" in Path(state(m, "stubborn")["log"]).read_text(), timeout=30,
-             what="SIGTERM to be ignored")
+    wait_for(lambda: "sigterm-ignored" in Path(state(m, "stubborn")["log"]).read_text(),
+             timeout=30, what="SIGTERM to be ignored")
     began = time.monotonic()
     m.shutdown()
     took = time.monotonic() - began
