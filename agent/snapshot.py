@@ -612,23 +612,12 @@ def _dirty(path: Path) -> bool:
 def _checkout(comp: Component, ctx, path: Path, url: str, commit: str, label: str) -> None:
     """Check out commit in an existing clone, fetching it when missing (branches first, then
     the commit itself)."""
-    from agent.kinds import gitops
     from agent.kinds.base import InstallError
 
     if _dirty(path):
         raise InstallError(f"{label}: has local changes: not checked out (commit or discard "
                            "them first)")
-    if not gitops._has_commit(comp, ctx, path, commit):
-        fetch_url, auth, env = gitops.credentials(url)
-        try:
-            ctx.git(comp, auth + ["fetch", "--no-progress", "--tags", fetch_url,
-                                  "+refs/heads/*:refs/remotes/origin/*"],
-                    f"{label}: git fetch", cwd=path, env=env)
-        except InstallError:
-            pass
-        if not gitops._has_commit(comp, ctx, path, commit):
-            ctx.git(comp, auth + ["fetch", "--no-progress", fetch_url, commit],
-                    f"{label}: git fetch {commit[:12]}", cwd=path, env=env)
+    _fetch_commit(comp, ctx, path, url, commit, label)
     ctx.git(comp, ["checkout", "--detach", "--quiet", commit], f"{label}: checkout "
             f"{commit[:12]}", cwd=path)
 
