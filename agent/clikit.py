@@ -213,7 +213,7 @@ def check_workspace(ws: Path, create: bool) -> None:
 
 
 def age(seconds: float | None) -> str:
-    """A short age: 42s, 3m05s, 2h10m, 4d3h."""
+    """A short age: 42s, 3m05s, 2h10m, 4d03h."""
     if seconds is None:
         return "-"
     s = int(seconds)
@@ -223,4 +223,4 @@ def age(seconds: float | None) -> str:
         return f"{s // 60}m{s % 60:02d}s"
     if s < 86400:
         return f"{s // 3600}h{(s % 3600) // 60:02d}m"
-    return f"{s // 86400}d{(s % 86400) // 3600}h"
+    return f"{s // 86400}d{(s % 86400) // 3600:02d}h"
