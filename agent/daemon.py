@@ -95,12 +95,18 @@ class Daemon:
         agent = cfg.agent
         self.supervisor = Supervisor(cfg.comfyui, agent, cfg.runtime_dir,
                                      extra_args=self.extra_args)
-        self.fg = Reconciler("foreground", "foreground", lambda: self.config, self._after_fg,
-                             quiet=min(MARKER_QUIET, agent["marker_debounce"]),
-                             max_delay=agent["marker_debounce"])
-        self.bg = Reconciler("background", "background", lambda: self.config, self._after_bg,
-                             quiet=min(MARKER_QUIET, agent["marker_debounce"]),
-                             max_delay=agent["marker_debounce"])
+        # while `pod-agent update`/rollback/snapshot restore runs, passes wait for its end
+        from agent.updates.defer import Deferral, DeferringReconciler
+
+        self.deferral = Deferral(lambda: self.config)
+        self.fg = DeferringReconciler("foreground", "foreground", lambda: self.config,
+                                      self._after_fg, deferral=self.deferral,
+                                      quiet=min(MARKER_QUIET, agent["marker_debounce"]),
+                                      max_delay=agent["marker_debounce"])
+        self.bg = DeferringReconciler("background", "background", lambda: self.config,
+                                      self._after_bg, deferral=self.deferral,
+                                      quiet=min(MARKER_QUIET, agent["marker_debounce"]),
+                                      max_delay=agent["marker_debounce"])
         self.watcher = Watcher(cfg, Events(marker=self.on_marker, node=self.on_node,
                                            restart=self.on_restart_event,
                                            refresh=self._refresh.set), poll=self.poll)
@@ -163,11 +169,19 @@ class Daemon:
             # every check runs once soon after start (min(interval, 10 s): the boot reconcile
             # goes first), then at its interval
             first = now + timedelta(seconds=min(s["interval"], BOOT_GRACE))
-            self.scheduler.add_job(self.health.run, "interval", args=[name],
+            self.scheduler.add_job(self._health_job, "interval", args=[name],
                                    id=f"health:{name}", seconds=s["interval"],
                                    next_run_time=first)
         self.scheduler.add_job(self.health.summary, "interval", id="health:summary",
                                seconds=health["summary_interval"])
+
+    def _health_job(self, name: str) -> None:
+        """A scheduled check; none while an update runs (ComfyUI restarts and checkouts move
+        under it: its repairs would reinstall beside the update's installs)."""
+        if self.deferral.running():
+            logger.debug(f"health check {name} skipped: an update runs")
+            return
+        self.health.run(name)
 
     def _job_event(self, event) -> None:
         from apscheduler.events import EVENT_JOB_ERROR, EVENT_JOB_MISSED

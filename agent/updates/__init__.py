@@ -26,8 +26,28 @@ def recover_at_start(conf, say: Callable[[str], None]) -> None:
 
 
 def running(conf) -> bool:
-    """An update, rollback or snapshot restore is under way (its journal exists); one stat."""
-    return (Path(conf.state_dir) / "updates" / "journal.json").exists()
+    """An update, rollback or snapshot restore is under way: a live process holds the update
+    lock (from before its restore point is recorded until its result is known), or its journal
+    names a writer that still runs on this host. A journal whose writer died is not running
+    (the agent's recovery job, or the next start, finishes or undoes it), so nothing waits on a
+    dead update. Cheap: a stat and a non-blocking flock."""
+    from agent.locks import held_by_other
+
+    base = Path(conf.state_dir) / "updates"
+    if held_by_other(base / "update.lock") is not None:
+        return True
+    from agent.markers import read_json
+
+    data = read_json(base / "journal.json") if (base / "journal.json").exists() else None
+    if not data or data.get("host") != __import__("socket").gethostname():
+        return False  # another pod's journal: its lock (on the shared volume) says the truth
+    from agent import procs
+
+    proc = procs.alive(data.get("pid"))
+    try:  # a pid reused by a later process is not the writer
+        return proc is not None and proc.create_time() <= float(data.get("started") or 0) + 1
+    except Exception:  # noqa: BLE001 - psutil errors, a bad journal field
+        return False
 
 
 def recover_orphan(conf, say: Callable[[str], None]) -> None:

@@ -46,6 +46,53 @@ def lock_path(conf) -> Path:
     return folder(conf) / "update.lock"
 
 
+def pass_lock_path(conf) -> Path:
+    """Held shared by the running agent's reconcile workers during each pass
+    (agent/updates/defer.py); an update waits until it can take it exclusively, so that it never
+    installs beside a pass that began before it."""
+    return folder(conf) / "agent-pass.lock"
+
+
+PASS_WAIT = 1800.0  # seconds an update waits for the agent's pass in progress
+passes_here = [0]  # passes this process runs (holding the pass lock shared): never waited on
+
+
+def wait_for_agent_pass(conf, say) -> None:
+    """Called holding the update lock: the agent defers its new passes from now on; a pass it
+    began before is waited for (said once). Never waits on this process's own pass."""
+    import errno
+    import fcntl
+
+    if passes_here[0]:
+        return
+    try:
+        fd = os.open(pass_lock_path(conf), os.O_RDONLY)
+    except OSError:
+        return  # no agent ever ran a pass here
+    try:
+        deadline = time.monotonic() + PASS_WAIT
+        told = False
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(fd, fcntl.LOCK_UN)
+                return
+            except OSError as exc:
+                if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                    return  # no locks on this filesystem: nothing to wait on
+            if time.monotonic() >= deadline:
+                say(f"warning: the running agent's reconcile pass still runs after "
+                    f"{PASS_WAIT:g}s: going on beside it")
+                return
+            if not told:
+                say("waiting for the running agent's reconcile pass to finish (it defers the "
+                    "next ones until this ends)")
+                told = True
+            time.sleep(0.2)
+    finally:
+        os.close(fd)
+
+
 def new_id() -> str:
     return time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(2)
 
