@@ -80,7 +80,8 @@ _VALUED = {"-i": "--index-url", "--index-url": "--index-url",
            "--extra-index-url": "--extra-index-url", "-f": "--find-links",
            "--find-links": "--find-links", "-c": "-c", "--constraint": "-c"}
 _FLAGS = {"--no-index": "--no-index", "--pre": "--prerelease=allow",
-          "--no-build-isolation": "--no-build-isolation", "-q": "-q", "--quiet": "-q"}
+          "--no-build-isolation": "--no-build-isolation", "-q": "-q", "--quiet": "-q",
+          "--no-deps": "--no-deps"}  # both `uv pip compile` and `install` take it
 
 
 _PIN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(\[[^\]]*\])?==[^\s;@]+(\s*;.*)?$")

@@ -412,3 +412,113 @@ def test_a_comfyui_nobody_supervises_is_not_restarted_and_the_report_says_so(ws)
                                   lambda text: None)
     assert check.ok and check.how == "skipped"
     assert check.detail.startswith("not verified: port ") and "no agent supervises" in check.detail
+
+
+# ---------------------------------------------------------------------- the agent beside updates
+def test_an_update_runs_while_a_live_process_holds_its_lock_or_writes_its_journal(ws):
+    """`updates.running` (what the agent defers its passes and restarts on): the lock held,
+    or a journal whose writer lives; a journal whose writer is dead is not running."""
+    import os
+    import subprocess
+    import sys
+
+    from agent import updates
+    from agent.locks import Lock
+    from agent.markers import atomic_write
+    from agent.updates import journal
+
+    conf = load(ws.config_path, ws.root)
+    assert not updates.running(conf)
+    lock = Lock(journal.lock_path(conf))
+    assert lock.acquire(10)
+    with lock:
+        assert updates.running(conf)
+    assert not updates.running(conf)
+    j = journal.new("update", "test", "cli", "python")
+    journal.write(conf, j)  # this process writes it, and lives
+    assert updates.running(conf)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    atomic_write(journal.journal_path(conf), json.dumps({**j, "pid": int(dead)}))
+    assert not updates.running(conf)
+    os.unlink(journal.journal_path(conf))
+
+
+def test_an_update_waits_for_the_agents_pass_in_progress(ws):
+    """A pass the agent began before the update holds the pass lock shared: the update waits
+    for it (said once) and goes on as soon as it ends."""
+    import fcntl
+    import os
+    import threading
+
+    from agent.updates import journal
+
+    conf = load(ws.config_path, ws.root)
+    path = journal.pass_lock_path(conf)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_SH)  # the agent's pass
+    said: list[str] = []
+    waiter = threading.Thread(target=journal.wait_for_agent_pass, args=(conf, said.append))
+    waiter.start()
+    try:
+        wait_for(lambda: said, 30, what="the update to wait for the pass")
+        assert "waiting for the running agent's reconcile pass to finish" in said[0]
+        assert waiter.is_alive()
+    finally:
+        os.close(fd)  # the pass ends
+    waiter.join(30)
+    assert not waiter.is_alive() and len(said) == 1
+
+
+def test_the_uv_path_passes_no_deps_on():
+    from agent.uvinstall import split_args
+
+    assert split_args(["--no-deps", "a==1"]) == ([], ["a==1"], ["--no-deps"])
+
+
+@pytest.mark.slow  # starts the agent
+def test_the_agent_defers_its_reconcile_passes_while_an_update_runs(aws):
+    """A pass the agent would run while an update holds the lock waits (said once), and runs
+    as soon as the update ends."""
+    from agent.locks import Lock
+    from agent.updates import journal
+
+    ws = aws
+    install(ws)
+    conf = load(ws.config_path, ws.root)
+    agent = ws.start_agent()
+    wait_for(lambda: service(ws).get("state") == "running" and service(ws).get("ready"), 60,
+             what="ComfyUI running")
+    marker = next(ws.markers.glob("gguf_node*.done"))
+    lock = Lock(journal.lock_path(conf))
+    assert lock.acquire(10)
+    with lock:  # an update runs
+        marker.unlink()  # the agent wants to install it again
+        wait_for(lambda: "update running: reconcile deferred" in agent.log(), 60,
+                 what="the agent to defer its pass")
+        assert not marker.exists()  # the pass is held, not run beside the update
+    wait_for(marker.exists, 60, what="the held pass to run once the update ended")
+    assert "update ended: reconciling" in agent.log()
+    assert agent.log().count("update running: reconcile deferred") == 1
+
+
+@pytest.mark.slow
+def test_a_rollback_installs_what_worked_at_its_restore_point_and_fails_now(uws):
+    """A restored marker does not bring back what went missing (the Manager's v3 clone parked
+    by the switch to v4): the rollback installs the components that passed their probe at the
+    restore point and fail now, then checks them again."""
+    ws = uws
+    node_a, gguf = ws.comfyui / "custom_nodes" / "node-a", ws.comfyui / "custom_nodes" / \
+        "ComfyUI-GGUF"
+    old = head(node_a)
+    commit_files(ws.upstreams / "node-a", {"README": "new\n"}, "readme")
+    update(ws, "node-a", "--no-verify", expect=0)
+    aside = ws.root / "gguf-parked"
+    gguf.rename(aside)  # moved away after the update, as the switch to v4 parks v3's clone
+    proc = run_cli("rollback", "--no-verify", *ws.args())
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert head(node_a) == old and (gguf / ".git").exists()
+    assert "installing what the restore point had working: gguf_node" in proc.stdout
+    assert kit_status(ws)["components"]["gguf_node"]["state"] == "installed"
+    assert proc.stdout.count("packages:") <= 1, proc.stdout

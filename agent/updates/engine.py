@@ -168,6 +168,29 @@ def _probe_failures(conf, wanted: set[str]) -> list[str]:
             if n in obs and obs[n].state not in OK_STATES]
 
 
+def _converge_broken(conf, wanted: set[str], say) -> list[str]:
+    """After a rollback put markers back: the components of `wanted` (those that passed their
+    probe at the restore point) that fail it now are installed (a restored marker does not put
+    back what the update moved away, e.g. ComfyUI-Manager v3's clone parked in
+    custom_nodes/.disabled by the switch to v4), then probed again. Returns what still fails."""
+    from agent.execute import Executor
+
+    broken = sorted(p.split(":", 1)[0] for p in _probe_failures(conf, wanted))
+    if not broken:
+        return []
+    say("installing what the restore point had working: " + ", ".join(broken))
+    history.set_during("rollback")
+    try:
+        report = Executor(conf).run(broken)
+    except AgentError as exc:
+        return [f"{', '.join(broken)}: {exc}"]
+    finally:
+        history.set_during(None)
+    problems = [f"{o.name}: {o.message}" + (f" (log {o.log})" if o.log else "")
+                for o in report.outcomes if o.status in ("failed", "blocked")]
+    return problems or _probe_failures(conf, wanted)
+
+
 def _dependents(conf, names: set[str]) -> set[str]:
     out = set(names)
     grew = True
@@ -194,9 +217,11 @@ def _hist(conf, say, *args, **kw) -> None:
 def apply(conf, changes: list[Change], reason: str, actor: str = "cli", *, force: bool = False,
           say: Callable[[str], None] | None = None, verify_comfyui: bool = True,
           op: str = "update", target_packages: dict[str, str] | None = None,
-          target_markers: dict[str, str | None] | None = None) -> Report:
-    """See the module docstring. op/target_packages/target_markers are `rollback`'s: packages
-    and markers put back to those of a restore point instead of installing."""
+          target_markers: dict[str, str | None] | None = None,
+          target_ok: list[str] | None = None) -> Report:
+    """See the module docstring. op/target_packages/target_markers/target_ok are `rollback`'s:
+    packages and markers put back to those of a restore point instead of installing, then the
+    components that passed their probe there (target_ok) and fail now installed again."""
     from agent.locks import Lock
 
     say = say or _quiet
@@ -206,11 +231,12 @@ def apply(conf, changes: list[Change], reason: str, actor: str = "cli", *, force
         raise AgentError(f"another update or rollback runs (pid {holder.get('pid', '?')}): "
                          "wait for it to finish")
     with lock:
+        journal.wait_for_agent_pass(conf, say)
         line = _recover_locked(conf, say, restart=False)
         if line:
             say(line)
         return _apply_locked(conf, changes, reason, actor, force, say, verify_comfyui, op,
-                             target_packages, target_markers)
+                             target_packages, target_markers, target_ok)
 
 
 def _check(changes: list[Change], force: bool) -> list[Change]:
@@ -242,7 +268,7 @@ def _check(changes: list[Change], force: bool) -> list[Change]:
 
 
 def _apply_locked(conf, changes, reason, actor, force, say, verify_comfyui, op,
-                  target_packages, target_markers) -> Report:
+                  target_packages, target_markers, target_ok=None) -> Report:
     changes = _check(list(changes), force)
     python = str(conf.comfyui.python)
     j = journal.new(op, reason, actor, python)
@@ -264,6 +290,7 @@ def _apply_locked(conf, changes, reason, actor, force, say, verify_comfyui, op,
                     for c in changes]
     j["packages"] = target_packages
     j["markers"] = target_markers
+    j["target_ok"] = target_ok
     journal.write(conf, j)  # 4. written before the first change
     report.changes = [{k: e[k] for k in ("name", "from", "to", "count", "component")}
                       for e in j["changes"]]
@@ -382,10 +409,11 @@ def _forward(conf, j: dict, say) -> list[str]:
     if j["op"] != "update":  # a rollback: the restore point's packages and markers
         problems: list[str] = []
         if j.get("packages") is not None:
-            done, problems = packages.restore(conf, j["packages"], _log(conf))
-            say(f"packages: {done}")
+            _, problems = packages.restore(conf, j["packages"], _log(conf))
         if j.get("markers") is not None:
             problems += _restore_markers(conf, j["markers"])
+        if not problems and j.get("target_ok") is not None:
+            problems += _converge_broken(conf, set(j["target_ok"]), say)
         return problems
     return _install(conf, j, say)
 
@@ -441,7 +469,8 @@ def _rollback(conf, j: dict, say, restart: bool, before_imports=None,
             problems.append(f"{e['name']}: {exc}")
     try:
         done, pkg_problems = packages.restore(conf, j["before"]["dists"], _log(conf))
-        say(f"packages: {done}")
+        if done != "packages unchanged":
+            say(f"packages put back: {done}")
         problems += pkg_problems
     except AgentError as exc:
         problems.append(str(exc))
@@ -454,8 +483,13 @@ def _rollback(conf, j: dict, say, restart: bool, before_imports=None,
             usernodes.converge(Ctx(conf))
         except Exception as exc:  # noqa: BLE001 - reported, the rollback goes on
             problems.append(f"custom nodes: {exc}")
-    problems += [f"still failing after the rollback: {p}"
-                 for p in _probe_failures(conf, set(j["before"].get("ok") or ()))]
+    try:  # what passed before and fails now (markers alone do not bring it back): install
+        still = _converge_broken(conf, set(j["before"].get("ok") or ()), say)
+    except Exception as exc:  # noqa: BLE001 - reported, the rollback goes on
+        from agent.fserr import explain
+
+        still = [explain(exc)]
+    problems += [f"still failing after the rollback: {p}" for p in still]
     check = None
     if not restart and not recovering and verify.agent_running(conf) is not None:
         verify.request_restart(conf, wait_answer=10.0)  # the supervised ComfyUI: old state
@@ -608,4 +642,5 @@ def rollback(conf, to: str | None = None, actor: str = "cli",
     return apply(conf, changes, f"rollback to {point['id']}", actor, force=False, say=say,
                  verify_comfyui=verify_comfyui, op="rollback",
                  target_packages=point["before"]["dists"],
-                 target_markers=point["before"]["markers"])
+                 target_markers=point["before"]["markers"],
+                 target_ok=point["before"].get("ok"))
