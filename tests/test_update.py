@@ -16,6 +16,7 @@ from tests.helpers import (ROOT, commit_files, git, installed_dists, make_repo, 
                            wait_for)
 from tests.kit import install, status
 from tests.test_daemon import aws, service, starts  # noqa: F401 - the agent fixture
+from tests.test_manager import manager_wheels, mws  # noqa: F401 - the Manager fixtures
 
 FAKE = ROOT / "tests" / "fake_comfyui" / "main.py"
 
@@ -504,21 +505,25 @@ def test_the_agent_defers_its_reconcile_passes_while_an_update_runs(aws):
 
 
 @pytest.mark.slow
-def test_a_rollback_installs_what_worked_at_its_restore_point_and_fails_now(uws):
-    """A restored marker does not bring back what went missing (the Manager's v3 clone parked
-    by the switch to v4): the rollback installs the components that passed their probe at the
-    restore point and fail now, then checks them again."""
-    ws = uws
-    node_a, gguf = ws.comfyui / "custom_nodes" / "node-a", ws.comfyui / "custom_nodes" / \
-        "ComfyUI-GGUF"
-    old = head(node_a)
-    commit_files(ws.upstreams / "node-a", {"README": "new\n"}, "readme")
-    update(ws, "node-a", "--no-verify", expect=0)
-    aside = ws.root / "gguf-parked"
-    gguf.rename(aside)  # moved away after the update, as the switch to v4 parks v3's clone
+def test_a_rollback_installs_what_worked_at_its_restore_point_and_fails_now(mws):
+    """ComfyUI gains manager_requirements.txt: `update comfyui_core` switches the Manager to v4
+    and parks the v3 clone in custom_nodes/.disabled. The rollback's restored markers do not
+    bring the clone back: it installs the components that passed their probe at the restore
+    point and fail now (the Manager moves its clone back), then checks them again."""
+    from tests.test_manager import PIN
+
+    ws = mws
+    clone = ws.comfyui / "custom_nodes" / "ComfyUI-Manager"
+    install(ws)
+    old = head(ws.comfyui)
+    commit_files(ws.upstreams / "ComfyUI", {"manager_requirements.txt": PIN}, "manager v4")
+    update(ws, "comfyui_core", "--no-verify", expect=0)
+    assert not clone.exists() and "comfyui-manager" in installed_dists(ws.python)
     proc = run_cli("rollback", "--no-verify", *ws.args())
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert head(node_a) == old and (gguf / ".git").exists()
-    assert "installing what the restore point had working: gguf_node" in proc.stdout
-    assert kit_status(ws)["components"]["gguf_node"]["state"] == "installed"
-    assert proc.stdout.count("packages:") <= 1, proc.stdout
+    assert head(ws.comfyui) == old and (clone / ".git").is_dir()
+    assert "comfyui-manager" not in installed_dists(ws.python)
+    assert "installing what the restore point had working: comfyui_manager" in proc.stdout
+    st = kit_status(ws)["components"]["comfyui_manager"]
+    assert st["state"] == "installed" and st["version"].startswith("v3 git "), st
+    assert proc.stdout.count("packages:") == 1, proc.stdout  # said once
