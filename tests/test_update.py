@@ -443,6 +443,12 @@ def test_an_update_runs_while_a_live_process_holds_its_lock_or_writes_its_journa
     atomic_write(journal.journal_path(conf), json.dumps({**j, "pid": int(dead)}))
     assert not updates.running(conf)
     os.unlink(journal.journal_path(conf))
+    # a caller holding it around its own steps (snapshot restore) and the apply inside
+    with updates.exclusive(conf):
+        assert updates.running(conf)
+        assert updates.apply(conf, [], "nothing", "cli").ok  # re-entrant: no wait, no refusal
+        assert updates.running(conf)
+    assert not updates.running(conf)
 
 
 def test_an_update_waits_for_the_agents_pass_in_progress(ws):

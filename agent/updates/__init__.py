@@ -11,8 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable
 
-__all__ = ["Change", "Report", "apply", "record_external", "recover", "recover_at_start",
-           "rollback"]
+__all__ = ["Change", "Report", "apply", "exclusive", "record_external", "recover",
+           "recover_at_start", "rollback"]
 
 
 def recover_at_start(conf, say: Callable[[str], None]) -> None:

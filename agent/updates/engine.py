@@ -40,6 +40,10 @@ Public contract (agent/updates/__init__.py re-exports it):
       point (and history records) for changes someone else already made (ComfyUI-Manager's
       UI), so that `rollback` can undo them.
 
+    exclusive(conf, say=None): a context manager holding the update lock (re-entrant in one
+      thread; `apply` takes it too), for a caller whose own steps around `apply` install (a
+      snapshot restore): the running agent then defers its passes for all of them.
+
     recover(conf, say=None, restart=False) -> str | None: a journal left by a run that died
       (kill -9, a pod stop) is completed when its verification had passed, otherwise rolled
       back; returns the one line that says which (None: nothing to do).
@@ -48,9 +52,11 @@ Public contract (agent/updates/__init__.py re-exports it):
 from __future__ import annotations
 
 import socket
+import threading
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from agent import history, markers
 from agent.model import AgentError
@@ -222,21 +228,46 @@ def apply(conf, changes: list[Change], reason: str, actor: str = "cli", *, force
     """See the module docstring. op/target_packages/target_markers/target_ok are `rollback`'s:
     packages and markers put back to those of a restore point instead of installing, then the
     components that passed their probe there (target_ok) and fail now installed again."""
-    from agent.locks import Lock
-
     say = say or _quiet
-    lock = Lock(journal.lock_path(conf))
-    if not lock.acquire(LOCK_WAIT):
-        holder = journal.running_elsewhere(conf) or {}
-        raise AgentError(f"another update or rollback runs (pid {holder.get('pid', '?')}): "
-                         "wait for it to finish")
-    with lock:
-        journal.wait_for_agent_pass(conf, say)
+    with exclusive(conf, say):
         line = _recover_locked(conf, say, restart=False)
         if line:
             say(line)
         return _apply_locked(conf, changes, reason, actor, force, say, verify_comfyui, op,
                              target_packages, target_markers, target_ok)
+
+
+_held_here: dict[tuple[str, int], int] = {}  # (update lock path, thread) -> depth
+
+
+@contextmanager
+def exclusive(conf, say: Callable[[str], None] | None = None) -> Iterator[None]:
+    """Hold the update lock (one update at a time; the running agent defers its reconcile
+    passes meanwhile, after the pass it may be in has ended). Re-entrant in one thread: a
+    snapshot restore can hold it around its own steps and the `apply` inside. AgentError when
+    another live update holds it for LOCK_WAIT s."""
+    from agent.locks import Lock
+
+    key = (str(journal.lock_path(conf)), threading.get_ident())
+    if _held_here.get(key):
+        _held_here[key] += 1
+        try:
+            yield
+        finally:
+            _held_here[key] -= 1
+        return
+    lock = Lock(journal.lock_path(conf))
+    if not lock.acquire(LOCK_WAIT):
+        holder = journal.running_elsewhere(conf) or {}
+        raise AgentError(f"another update or rollback runs (pid {holder.get('pid', '?')}): "
+                         "wait for it to finish")
+    _held_here[key] = 1
+    try:
+        with lock:
+            journal.wait_for_agent_pass(conf, say or _quiet)
+            yield
+    finally:
+        _held_here.pop(key, None)
 
 
 def _check(changes: list[Change], force: bool) -> list[Change]:
