@@ -506,7 +506,7 @@ def test_the_agent_defers_its_reconcile_passes_while_an_update_runs(aws):
                  what="the agent to defer its pass")
         assert not marker.exists()  # the pass is held, not run beside the update
     wait_for(marker.exists, 60, what="the held pass to run once the update ended")
-    assert "update ended: reconciling" in agent.log()
+    wait_for(lambda: "update ended: reconciling" in agent.log(), 30, what="the log line")
     assert agent.log().count("update running: reconcile deferred") == 1
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import fcntl
 import os
 import threading
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -62,8 +63,13 @@ class Deferral:
         """The update is over (or its writer died): a journal left behind is finished or
         undone now (the agent's recovery, never raises), before any pass reconciles."""
         conf = self.config()
-        if (Path(conf.state_dir) / "updates" / "journal.json").exists():
+        left = Path(conf.state_dir) / "updates" / "journal.json"
+        for _ in range(3):  # recovery takes the lock without waiting: a look may be in its way
+            if not left.exists() or self.running():
+                break
             updates.recover_orphan(conf, logger.warning)
+            if left.exists():
+                time.sleep(0.2)
         with self._lock:
             said, self._said = self._said, False
         if said:
