@@ -846,6 +846,17 @@ def restore(config: Config, snap: dict[str, Any], prune: bool = False, pips: boo
 def restore_cli(config: Config, snap: dict[str, Any], source: Path, prune: bool = False,
                 pips: bool = False, registry: str | None = None, progress=None,
                 verify: bool = True) -> dict[str, Any]:
+    """`snapshot restore` under the update lock, all of it (clones, registry installs, moves,
+    packages and their undo, not only the commit moves): the running agent defers its own
+    installs meanwhile, as for an update (agent/updates `exclusive`)."""
+    from agent.updates import exclusive
+
+    with exclusive(config, say=progress):
+        return _restore_locked(config, snap, source, prune, pips, registry, progress, verify)
+
+
+def _restore_locked(config: Config, snap: dict[str, Any], source: Path, prune: bool,
+                    pips: bool, registry: str | None, progress, verify: bool) -> dict[str, Any]:
     """`snapshot restore`: a restore is an update like any other.
 
     1. the packages and ComfyUI's latest imports are recorded, and the commits the existing
