@@ -533,3 +533,35 @@ def test_a_rollback_installs_what_worked_at_its_restore_point_and_fails_now(mws)
     st = kit_status(ws)["components"]["comfyui_manager"]
     assert st["state"] == "installed" and st["version"].startswith("v3 git "), st
     assert proc.stdout.count("packages:") == 1, proc.stdout  # said once
+
+
+@pytest.mark.slow
+def test_an_update_that_breaks_sageattention_is_rolled_back(uws, tmp_path):
+    """A node's new requirement replaces the SageAttention build with one whose kernel fails:
+    no probe and no import notices, the sageattention health check does (issue 10: "the
+    component probes and health checks pass"); the update is rolled back, packages included."""
+    from tests.helpers import build_wheel
+    from tests.test_health import SAGE, set_fakes
+
+    ws = uws
+    extra, fakes = tmp_path / "sage-wheels", tmp_path / "fakes"
+    build_wheel(extra, "sageattention", "1.0", module_code=SAGE["ok"])
+    build_wheel(extra, "sageattention", "2.0", module_code=SAGE["kernel_error"])
+    set_fakes(fakes, sage=None)  # a fake torch (with a "GPU") on the path, no sageattention
+    ws.config["installer_args"] += ["--find-links", str(extra)]
+    ws.config["comfyui"]["env"]["PYTHONPATH"] = str(fakes)
+    ws.save()
+    node_a = ws.comfyui / "custom_nodes" / "node-a"
+    commit_files(ws.upstreams / "node-a", {"requirements.txt": "podtest-nodea\n"
+                                           "sageattention==1.0\n"}, "sage 1")
+    update(ws, "node-a", "--no-verify", expect=0)
+    assert drift.dists(ws.python)["sageattention"] == "1.0"
+    old = head(node_a)
+    commit_files(ws.upstreams / "node-a", {"requirements.txt": "podtest-nodea\n"
+                                           "sageattention==2.0\n"}, "sage 2")
+    proc = run_cli("update", "node-a", *ws.args(), env={"POD_AGENT_GPU": "1"})
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1, out
+    assert "health check sageattention fails after the change" in out, out
+    assert "rolled back: node-a" in out and head(node_a) == old
+    assert drift.dists(ws.python)["sageattention"] == "1.0"

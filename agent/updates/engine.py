@@ -21,7 +21,9 @@ Public contract (agent/updates/__init__.py re-exports it):
       5. installs what the new commits need: the components that record the moved checkouts
          and everything that depends on them (agent/execute.py, which also writes their
          markers), and the requirements of moved unmanaged nodes (agent/usernodes.py);
-      6. verifies: every component that passed its probe before still does; ComfyUI restarted
+      6. verifies: every component that passed its probe before still does; the health checks
+         an update can break (gpu, sageattention, disk: verify.HEALTH_CHECKS) do not fail where
+         they did not fail at the restore point; ComfyUI restarted
          (through the running agent, or started here for the check) answers and every custom
          node that imported before still imports (verify=False skips the ComfyUI part);
       7. on success the journal becomes restore point <id> (history: one `update` record per
@@ -312,7 +314,7 @@ def _apply_locked(conf, changes, reason, actor, force, say, verify_comfyui, op,
     dists = packages.snapshot(conf.comfyui.python)
     before_imports = verify.baseline(conf)
     j["before"] = {"dists": dists, "markers": _marker_texts(conf),
-                   "ok": sorted(_ok_components(conf)),
+                   "ok": sorted(_ok_components(conf)), "health": verify.health(conf),
                    "imports": None if before_imports is None else
                    {"ok": sorted(before_imports[0]), "failed": before_imports[1]}}
     j["changes"] = [{"name": c.name, "path": str(c.path), "component": c.component,
@@ -399,6 +401,9 @@ def _forward_and_verify(conf, j, say, verify_comfyui, before_imports, reason,
         j["after"] = {"dists": packages.snapshot(conf.comfyui.python)}
         journal.write(conf, j)
         problems = _probe_failures(conf, set(j["before"]["ok"]))
+        if not problems:
+            problems = verify.health_regressions(j["before"].get("health") or {},
+                                                 verify.health(conf))
         if not problems and verify_comfyui:
             check = _comfy_check(conf, j, say, before_imports, reason)
             report.verification = check.detail

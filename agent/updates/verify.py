@@ -288,6 +288,41 @@ def _started_here(conf, before, changed_nodes, whole, say, limit, host, port) ->
         _stop(proc)
 
 
+# The health checks an update can break without a component probe or ComfyUI's start noticing:
+# a node's requirements replacing torch (no GPU any more, or SageAttention's kernel built for
+# another torch), or filling the disk. The others are the probes (components) and the ComfyUI
+# check itself (comfyui_http, comfyui_process), or about the agent (agent).
+HEALTH_CHECKS = ("gpu", "sageattention", "disk")
+
+
+def health(conf) -> dict[str, list[str]]:
+    """{check: [status, detail]} of the enabled HEALTH_CHECKS, run now (no cache, no action,
+    no report written: the agent's own report is left as it is)."""
+    if not conf.health.get("enabled", True):
+        return {}
+    from agent.checks import REGISTRY
+    from agent.checks.base import CheckCtx, Hooks
+
+    out: dict[str, list[str]] = {}
+    for name in HEALTH_CHECKS:
+        s = conf.health["checks"].get(name)
+        if not s or not s.get("enabled") or name not in REGISTRY:
+            continue
+        try:
+            r = REGISTRY[name](CheckCtx(conf, s, Hooks(), {}, force=True))
+            out[name] = [r.status, r.detail]
+        except Exception as exc:  # noqa: BLE001 - a check that crashes is a failing check
+            out[name] = ["fail", f"check crashed: {type(exc).__name__}: {exc}"]
+    return out
+
+
+def health_regressions(before: dict, after: dict) -> list[str]:
+    """The checks that fail now and did not fail at the restore point."""
+    return [f"health check {name} fails after the change: {detail[:300]}"
+            for name, (status, detail) in after.items()
+            if status == "fail" and (before.get(name) or ["ok"])[0] != "fail"]
+
+
 def _stop(proc: subprocess.Popen, grace: float = 20.0) -> None:
     try:
         os.killpg(proc.pid, signal.SIGTERM)
