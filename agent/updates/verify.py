@@ -296,8 +296,10 @@ HEALTH_CHECKS = ("gpu", "sageattention", "disk")
 
 
 def health(conf) -> dict[str, list[str]]:
-    """{check: [status, detail]} of the enabled HEALTH_CHECKS, run now (no cache, no action,
-    no report written: the agent's own report is left as it is)."""
+    """{check: [status, detail]} of the enabled HEALTH_CHECKS, run now (no action, no report
+    written: the agent's own report is left as it is). The SageAttention probe keeps its cache,
+    keyed by what decides it (torch's and sageattention's versions and files): an update that
+    changes neither costs no second probe."""
     if not conf.health.get("enabled", True):
         return {}
     from agent.checks import REGISTRY
@@ -309,7 +311,7 @@ def health(conf) -> dict[str, list[str]]:
         if not s or not s.get("enabled") or name not in REGISTRY:
             continue
         try:
-            r = REGISTRY[name](CheckCtx(conf, s, Hooks(), {}, force=True))
+            r = REGISTRY[name](CheckCtx(conf, s, Hooks(), {}))
             out[name] = [r.status, r.detail]
         except Exception as exc:  # noqa: BLE001 - a check that crashes is a failing check
             out[name] = ["fail", f"check crashed: {type(exc).__name__}: {exc}"]
