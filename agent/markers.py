@@ -235,13 +235,19 @@ def atomic_write(path: Path, text: str) -> None:
         if isinstance(exc, OSError):
             raise _named(exc, path) from None
         raise
+    fsync_dir(path.parent)
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make a rename into `folder` durable (best effort: some network filesystems refuse a
+    directory fsync)."""
     try:
-        dfd = os.open(path.parent, os.O_RDONLY)
+        dfd = os.open(folder, os.O_RDONLY)
         try:
             os.fsync(dfd)
         finally:
             os.close(dfd)
-    except OSError:  # pragma: no cover - some network filesystems refuse a directory fsync
+    except OSError:  # pragma: no cover
         pass
 
 

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from agent.markers import atomic_write, read_json
+from agent.markers import atomic_write, fsync_dir, read_json
 from agent.model import AgentError
 
 VERSION = 1
@@ -150,14 +150,7 @@ def finish(conf, j: dict[str, Any], result: str) -> Path:
     dest = points_dir(conf) / f"{j['id']}.json"
     dest.parent.mkdir(parents=True, exist_ok=True)
     os.replace(journal_path(conf), dest)
-    try:
-        fd = os.open(dest.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
+    fsync_dir(dest.parent)
     prune(conf)
     return dest
 
