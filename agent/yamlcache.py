@@ -6,7 +6,9 @@ only when `<workspace>/.pod-agent` exists already (nothing is created on a fresh
 and throwaway workspaces take their cache with them). What: the parsed mapping with every key's
 and item's line (errors name the same lines as a fresh parse), keyed by the sha256 of the file's
 text: any edit is a miss. Only plain data is kept (text, numbers, booleans, null, mappings,
-lists, no aliases); anything else (a date, a set, a shared anchor) is simply not cached. A cache
+lists, no aliases); anything else (a date, a set, a shared anchor) is simply not cached, and
+neither is a file that holds a secret (agent/redact.py's rules: a token is never copied to a
+second place). A cache
 file that cannot be read or does not match is a miss; one that cannot be written is no cache.
 The checks that follow a parse (agent/config.py `_inspect`) run on cached data too.
 """
@@ -16,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +66,8 @@ def write(entry_: tuple[Path, str, str], data: Any, map_cls: type, seq_cls: type
         enc = _encode(data, map_cls, seq_cls, set())
     except (_NotPlain, RecursionError):
         return
+    if _holds_secrets(data):  # never a second copy of a token, in another place
+        return
     tmp = file.with_name(f".{file.name}.{os.getpid()}.tmp")
     try:
         text = json.dumps({"v": VERSION, "sha": digest, "path": path, "data": enc},
@@ -95,6 +100,40 @@ def _encode(obj: Any, map_cls: type, seq_cls: type, seen: set[int]) -> Any:
         seen.add(id(obj))
         return {"s": [_encode(v, map_cls, seq_cls, seen) for v in obj], "l": list(obj.lines)}
     raise _NotPlain
+
+
+def _holds_secrets(data: Any) -> bool:
+    """Anything agent/redact.py would treat as a secret: a value under a secret-looking key
+    (token, password, ...), a secret flag's value in a list, a pattern (a URL with credentials,
+    an hf_ token) in any text. Such a file is parsed every time instead of cached."""
+    from agent.redact import secret_name, secrets_in_args, secrets_in_text
+
+    stack = [data]
+    while stack:
+        obj = stack.pop()
+        if isinstance(obj, dict):
+            for key, value in obj.items():
+                if secret_name(str(key)) and _literal(value):
+                    return True
+                stack.append(value)
+        elif isinstance(obj, list):
+            if secrets_in_args(v for v in obj if isinstance(v, str)):
+                return True
+            stack.extend(obj)
+        elif isinstance(obj, str) and secrets_in_text(obj):
+            return True
+    return False
+
+
+def _literal(value: Any) -> bool:
+    """A value given in the file itself: not empty, not only `${NAME}` references (expanded
+    from the environment at load, never stored)."""
+    if isinstance(value, str):
+        return bool(_REFERENCE.sub("", value).strip())
+    return value not in (None, [], {})
+
+
+_REFERENCE = re.compile(r"\$\{[^}]*\}")
 
 
 def _plain_fail() -> Any:

@@ -98,3 +98,16 @@ def test_only_plain_data_is_cached(ws):
 def test_nothing_is_created_on_a_fresh_volume(tmp_path):
     cfg.load(None, tmp_path)
     assert not (tmp_path / ".pod-agent").exists()
+
+
+def test_a_file_with_a_secret_is_never_copied_into_the_cache(ws):
+    overlay = ws / cfg.OVERLAY_NAME
+    for text in ("http:\n  token: s3cr3t-t0ken-value\n",
+                 "custom_nodes:\n  nodes: [https://user:hunter2pass@example.com/x.git]\n",
+                 "comfyui:\n  args: [--api-key, abcdef123456]\n"):
+        overlay.write_text(text)
+        cfg.load_yaml(overlay, cache_ws=ws)
+        assert _cached(ws) == [], text
+    overlay.write_text('comfyui:\n  env: {HF_TOKEN: "${HF_TOKEN}"}\n')  # a reference only
+    cfg.load_yaml(overlay, cache_ws=ws)
+    assert len(_cached(ws)) == 1
