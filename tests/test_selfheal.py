@@ -64,8 +64,10 @@ def test_comfyui_that_stops_answering_is_restarted_by_the_http_check(aws):
     wait_for(lambda: "health check comfyui_http failed" in agent.log(), 20,
              what="the http check asking for a restart")
     (aws.control / "hang").unlink()
-    wait_for(lambda: len(starts(aws)) == 2 and running(aws), 30, what="ComfyUI restarted")
-    assert service(aws)["pid"] != first
+    # the agent's state file follows within one housekeeping tick: wait for the new pid there
+    wait_for(lambda: len(starts(aws)) == 2 and running(aws) and service(aws)["pid"] != first,
+             30, what="ComfyUI restarted")
+    assert service(aws)["pid"] == starts(aws)[-1]["pid"]
     acted = [r["action"] for r in records(aws, "comfyui_http") if r["action"] != "none"]
     assert "restart_comfyui" in acted, acted  # not urgent: the process was alive
     log = agent.log()
