@@ -515,6 +515,21 @@ def _finish(item: Item, resolved: Resolved, digest: str | None, size: int, recei
                   else resumed_from, restarted)
 
 
+READ_BYTES = 1 << 20  # one socket read of the body (httpcore reads 64 KiB at a time)
+
+
+def _larger_reads() -> None:
+    """httpcore parses every 64 KiB read of a body with h11: at loopback or datacentre speed
+    that Python work, not the network, is the limit. One read of 1 MiB does the same work once
+    per MiB (README: Model files, Measured). Best effort: another httpcore keeps its own size."""
+    try:
+        from httpcore._sync.http11 import HTTP11Connection
+    except ImportError:  # pragma: no cover - httpcore's layout changed
+        return
+    if getattr(HTTP11Connection, "READ_NUM_BYTES", 0) < READ_BYTES:
+        HTTP11Connection.READ_NUM_BYTES = READ_BYTES
+
+
 def make_client(timeout: float = 60.0) -> Any:
     import logging
 
@@ -524,6 +539,7 @@ def make_client(timeout: float = 60.0) -> Any:
     # belong in the agent's log (and one line per request is noise)
     for name in ("httpx", "httpcore"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    _larger_reads()
 
     return httpx.Client(follow_redirects=True, timeout=httpx.Timeout(timeout, connect=30.0),
                         limits=httpx.Limits(max_connections=32))
