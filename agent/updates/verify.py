@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import subprocess
 import time
 import urllib.request
@@ -124,9 +123,13 @@ def _service(conf) -> dict:
     return read_json(conf.runtime_dir / "service.json") or {}
 
 
+_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # as agent/comfyhttp.py:
+# a local ComfyUI is never asked through the pod's HTTP(S)_PROXY
+
+
 def _get(url: str, timeout: float = 2.0) -> bool:
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as r:  # noqa: S310 - local
+        with _OPENER.open(url, timeout=timeout) as r:  # noqa: S310 - local
             return r.status == 200
     except (OSError, ValueError):
         return False
@@ -285,7 +288,7 @@ def _started_here(conf, before, changed_nodes, whole, say, limit, host, port) ->
         check = _judge("started here", parse_imports(text), before, changed_nodes, whole)
         return check
     finally:
-        _stop(proc)
+        procs.kill_group(proc, 20.0)  # SIGTERM, SIGKILL after 20 s, the group's leftovers
 
 
 # The health checks an update can break without a component probe or ComfyUI's start noticing:
@@ -323,25 +326,6 @@ def health_regressions(before: dict, after: dict) -> list[str]:
     return [f"health check {name} fails after the change: {detail[:300]}"
             for name, (status, detail) in after.items()
             if status == "fail" and (before.get(name) or ["ok"])[0] != "fail"]
-
-
-def _stop(proc: subprocess.Popen, grace: float = 20.0) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-    except (ProcessLookupError, PermissionError):
-        pass
-    try:
-        proc.wait(grace)
-    except subprocess.TimeoutExpired:
-        pass
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-    try:
-        proc.wait(5)
-    except subprocess.TimeoutExpired:
-        pass
 
 
 def request_restart(conf, wait_answer: float = 0.0) -> Path:
