@@ -216,10 +216,14 @@ def test_new_node_folder_is_watched_and_recreated_marker_folder_watched_again(se
     wait_for(lambda: w.refresh() or w.watch_count() == count + 1, 5, what=".git watched")
     (new / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
     wait_for(lambda: ("fresh", "git HEAD moved") in rec.nodes, 5, what="HEAD of the new checkout")
-    # a re-created ComfyUI folder is watched anew
+    # a re-created ComfyUI folder is watched anew (once the kernel said the old one is gone:
+    # a new folder may get the old inode number, so only that event tells the two apart)
+    before = rec.refreshes
     shutil.rmtree(ws / "ComfyUI")
+    wait_for(lambda: conf.comfyui.dir in w._stale and rec.refreshes > before, 10,
+             what="the deleted ComfyUI folder marked for a new watch")
     (ws / "ComfyUI" / "custom_nodes").mkdir(parents=True)
-    wait_for(lambda: w.refresh() or w.watch_count() == 4, 5, what="re-created ComfyUI watched")
+    wait_for(lambda: w.refresh() or w.watch_count() == 4, 10, what="re-created ComfyUI watched")
     (ws / "ComfyUI" / "extra_model_paths.yaml").write_text("a: b\n")
     wait_for(lambda: rec.restarts, 5, what="an event in the re-created ComfyUI folder")
 
