@@ -962,6 +962,11 @@ class Service:
             logger.warning("{} pid {} was still running after {:g}s: SIGKILL", self.title, pid,
                            timeout)
         self._kill_leftovers()
+        if self._proc is not None and self._proc.returncode is None:
+            try:  # SIGKILLed or gone: reap our child for its status (a zombie counted as gone
+                self._proc.wait(KILL_WAIT)  # by wait_gone has none yet)
+            except subprocess.TimeoutExpired:  # pragma: no cover - unkillable (D state)
+                pass
         self._leader_alive()  # reap
         self._record_exit(self._exit_status())
         self._remove_state()

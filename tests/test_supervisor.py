@@ -752,7 +752,7 @@ def test_restart_max_wait_on_the_fake_clock(pod, warnings):
         sup.tick(clock.at(since + t))
         assert sup.snapshot()["pid"] == pid and sup.snapshot()["pending_restart"]
     assert not any("restarting anyway" in w for w in warnings)
-    sup.tick(clock.at(since + 1800))
+    sup.tick(clock.at(since + 1800 + 1e-6))  # (since + 1800) - since may round below 1800
     assert any("restarting anyway" in w for w in warnings)
     assert sup.snapshot()["pid"] not in (pid, None) and gone(pid)
     assert sup.snapshot()["failures"] == 0
