@@ -1096,12 +1096,7 @@ class Service:
             logger.warning("Cannot write {}: {}", self.state_file, exc)
 
     def _remove_state(self) -> None:
-        try:
-            self.state_file.unlink()
-        except FileNotFoundError:
-            pass
-        except OSError as exc:
-            logger.warning("Cannot remove {}: {}", self.state_file, exc)
+        remove_file(self.state_file)
 
     def _rotate_log(self) -> None:
         log = self.log_path
@@ -1138,6 +1133,17 @@ def group_members(pgid: int) -> list[psutil.Process]:
         except (psutil.Error, OSError):
             continue
     return out
+
+
+def remove_file(path: Path) -> None:
+    """Remove a state or request file; one that is already gone is fine, one that cannot be
+    removed is a warning (the next start or stop tries again)."""
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        logger.warning("Cannot remove {}: {}", path, exc)
 
 
 def image_signature(pid: int) -> tuple | None:

@@ -35,7 +35,7 @@ from loguru import logger
 
 from agent.comfyhttp import ComfyClient, comfyui_url, connect_host  # noqa: F401 - re-exported
 from agent.engine import (ALLOWED, LOG_MAX_BYTES, IllegalTransition, Service,  # noqa: F401
-                          ServiceState, Spec, StartFailed, _Request)
+                          ServiceState, Spec, StartFailed, _Request, remove_file)
 from agent.model import ComfyUISettings
 
 STATE_FILE = "comfyui.json"
@@ -156,12 +156,7 @@ class Supervisor(Service):
         return "ComfyUI-Manager asked for a restart"
 
     def _remove_reboot(self) -> None:
-        try:
-            self.reboot_file.unlink()
-        except FileNotFoundError:
-            pass
-        except OSError as exc:
-            logger.warning("Cannot remove {}: {}", self.reboot_file, exc)
+        remove_file(self.reboot_file)
 
     # ------------------------------------------------------------------ HTTP
     def _url(self, path: str) -> str:
