@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 from pathlib import Path
 from typing import Any
@@ -68,21 +67,19 @@ def write(entry_: tuple[Path, str, str], data: Any, map_cls: type, seq_cls: type
         return
     if _holds_secrets(data):  # never a second copy of a token, in another place
         return
-    tmp = file.with_name(f".{file.name}.{os.getpid()}.tmp")
     try:
         text = json.dumps({"v": VERSION, "sha": digest, "path": path, "data": enc},
                           ensure_ascii=True, separators=(",", ":"))
-        if len(text) > MAX_BYTES:
-            return
-        file.parent.mkdir(exist_ok=True)
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, file)
-    except (OSError, ValueError):
-        try:
-            tmp.unlink()
-        except OSError:
-            pass
+    except ValueError:
+        return
+    if len(text) > MAX_BYTES:
+        return
+    from agent.markers import atomic_write
+
+    try:
+        atomic_write(file, text)  # temp file, fsync, rename: a kill leaves the old or the new
+    except OSError:
+        pass  # a full or read-only volume: no cache, same answers
 
 
 def _encode(obj: Any, map_cls: type, seq_cls: type, seen: set[int]) -> Any:
